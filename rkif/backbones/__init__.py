@@ -1,0 +1,24 @@
+"""Model families behind one protocol (see ``base.Backbone``)."""
+
+from rkif.backbones.base import Backbone, BackboneConfig
+from rkif.backbones.causal import CausalBackbone
+from rkif.backbones.encoder import EncoderBackbone, minilm_path
+from rkif.backbones.seq2seq import Seq2SeqBackbone
+
+FAMILIES: dict[str, type[Backbone]] = {
+    "encoder": EncoderBackbone,
+    "seq2seq": Seq2SeqBackbone,
+    "causal": CausalBackbone,
+}
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    """Load the configured model family with LoRA attached."""
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"unknown --family {cfg.family!r}: choose from {sorted(FAMILIES)}")
+    if cfg.model == "minilm" and cfg.family != "encoder":
+        raise ValueError("--model minilm is a sentence encoder: use --family encoder")
+    return FAMILIES[cfg.family](cfg)
+
+
+__all__ = ["Backbone", "BackboneConfig", "FAMILIES", "build_backbone", "minilm_path"]

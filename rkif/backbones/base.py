@@ -1,0 +1,113 @@
+"""The backbone protocol: a LoRA-wrapped model that gives a loss on a batch and answers for examples.
+
+Every family implements ``collate`` (examples -> tensors), ``forward`` (tensors -> ``{"loss"}``, so
+``transformers.Trainer`` trains it as any model) and ``predict`` (examples -> answer strings).
+The LoRA weights are the trainable parameters; ``trainable_parameters`` is the one place that
+selects them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from rkif.data import Example, Task
+
+
+@dataclass
+class BackboneConfig:
+    """Which model to load and how to adapt it."""
+
+    model: str = "minilm"            # "minilm" (offline package), a local path or a hub name
+    family: str = "encoder"          # encoder | seq2seq | causal
+    max_length: int = 128            # max source tokens
+    max_target_length: int = 16      # max answer tokens (generative families)
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None   # None: q and v of the family (peft's mapping)
+    answer_space: str = "all"        # encoder: "all" labels of the run, or the task's "task" options
+    logit_scale: float = 20.0        # encoder: cosine-similarity temperature
+    eval_batch_size: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+def lora_config(cfg: BackboneConfig, task_type: str | None = None) -> LoraConfig:
+    """The paper's LoRA (r 8, alpha 32, dropout 0.05 on q and v unless configured)."""
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_targets, task_type=task_type)
+
+
+class Backbone(nn.Module):
+    """Base class: holds the peft model and the tokenizer; subclasses define the family's I/O."""
+
+    family: str = ""
+
+    def __init__(self, peft_model: PeftModel, tokenizer, config: BackboneConfig):
+        super().__init__()
+        self.model = peft_model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @staticmethod
+    def wrap(model: nn.Module, cfg: BackboneConfig, task_type: str | None = None) -> PeftModel:
+        return get_peft_model(model, lora_config(cfg, task_type))
+
+    # -- the protocol ---------------------------------------------------------------------------
+    def set_answer_space(self, tasks: list[Task]) -> None:
+        """Tell the model every task of the run (the encoder scores over their labels)."""
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict_batch(self, examples: list[Example]) -> list[str]:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trainable (LoRA) parameters, with stable names: the only selector in rkif."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.named_trainable())
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (trainable or frozen), detached copies on CPU, for checkpoints."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if "lora_" in n}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise KeyError(f"checkpoint has adapter tensors this model lacks: {missing[:3]}...")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+    @torch.no_grad()
+    def predict(self, examples: list[Example], desc: str = "eval") -> list[str]:
+        """Answers for every example, in batches, in eval mode (restores the previous mode)."""
+        was_training = self.training
+        self.eval()
+        out: list[str] = []
+        bs = self.config.eval_batch_size
+        for start in tqdm(range(0, len(examples), bs), desc=desc, leave=False):
+            out.extend(self.predict_batch(examples[start:start + bs]))
+        self.train(was_training)
+        return out
+
+    def tokenize(self, texts: list[str], max_length: int, **kw) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True,
+                              return_tensors="pt", return_token_type_ids=False, **kw)

@@ -1,0 +1,123 @@
+"""Command line: ``rkif run`` (one experiment), ``rkif report`` (tables and plots)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rkif.backbones import FAMILIES, BackboneConfig
+from rkif.config import RunConfig
+from rkif.data import DataError, default_data_root
+
+DEFAULT_OUTPUT = "runs/main"
+
+
+def _size(text: str) -> int | None:
+    return None if text.lower() in ("all", "none", "0") else int(text)
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--option {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    d, b = RunConfig(), BackboneConfig()
+    p.add_argument("--method", default=d.method, help="method or preset name (see `rkif methods`)")
+    p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. -O inner_steps=4 (repeatable)")
+    p.add_argument("--model", default=b.model, help="'minilm' (offline default), a local path or a hub name")
+    p.add_argument("--family", default=b.family, choices=sorted(FAMILIES))
+    p.add_argument("--data", default=None, help=f"data root (default: $RKIF_DATA or {default_data_root()})")
+    p.add_argument("--benchmark", default=d.benchmark, choices=["standard", "long"])
+    p.add_argument("--order", type=int, default=d.order, help="task order: 1-3 standard, 4-6 long")
+    p.add_argument("--tasks", default=None, help="explicit comma-separated task list (overrides the order)")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--train-size", type=_size, default=d.train_size, help="examples per task ('all' for every one)")
+    p.add_argument("--test-size", type=_size, default=d.test_size, help="test examples per task ('all')")
+    p.add_argument("--eval-split", default=d.eval_split, choices=["test", "dev"])
+    p.add_argument("--memory-fraction", type=float, default=d.memory_fraction)
+    p.add_argument("--max-length", type=int, default=b.max_length)
+    p.add_argument("--max-target-length", type=int, default=b.max_target_length)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--eval-batch-size", type=int, default=b.eval_batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--lora-r", type=int, default=b.lora_r)
+    p.add_argument("--lora-alpha", type=int, default=b.lora_alpha)
+    p.add_argument("--lora-dropout", type=float, default=b.lora_dropout)
+    p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: q,v of the family)")
+    p.add_argument("--answer-space", default=b.answer_space, choices=["all", "task"],
+                   help="encoder: score over all labels of the run (default) or the task's own")
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--report-to", default=d.report_to, help="Trainer integration, e.g. tensorboard")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--output", default=DEFAULT_OUTPUT)
+    p.add_argument("--resume", action="store_true", help="continue after the last finished task")
+
+
+def config_from_args(a: argparse.Namespace) -> RunConfig:
+    backbone = BackboneConfig(
+        model=a.model, family=a.family, max_length=a.max_length, max_target_length=a.max_target_length,
+        lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+        lora_targets=a.lora_targets.split(",") if a.lora_targets else None,
+        answer_space=a.answer_space, eval_batch_size=a.eval_batch_size)
+    return RunConfig(
+        method=a.method, method_options=_options(a.option), backbone=backbone,
+        data=a.data or str(default_data_root()), benchmark=a.benchmark, order=a.order,
+        tasks=a.tasks.split(",") if a.tasks else None, train_size=a.train_size, test_size=a.test_size,
+        eval_split=a.eval_split, memory_fraction=a.memory_fraction, epochs=a.epochs,
+        batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup_steps,
+        precision=a.precision, seed=a.seed, output=a.output, resume=a.resume, report_to=a.report_to)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rkif", description="Continual learning of language models.")
+    sub = parser.add_subparsers(dest="command")
+    run_p = sub.add_parser("run", help="run one continual-learning experiment (default command)")
+    add_run_arguments(run_p)
+    rep = sub.add_parser("report", help="markdown table and plots from run folders")
+    rep.add_argument("dirs", nargs="+", help="run folders (or results.json files)")
+    rep.add_argument("--out", default=None, help="where to write table.md and PNGs (default: the first folder)")
+    sub.add_parser("methods", help="list the methods and presets")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "run":
+            return _run(config_from_args(args))
+        if args.command == "report":
+            from rkif.report import report
+            print(report([Path(d) for d in args.dirs], Path(args.out) if args.out else None))
+            return 0
+        from rkif.methods import available
+        print("\n".join(available()))
+        return 0
+    except (DataError, FileExistsError, ValueError, KeyError, ImportError) as err:
+        logging.getLogger("rkif").error("%s", err)
+        return 2
+
+
+def _run(config: RunConfig) -> int:
+    from rkif.report import matrix_table, report
+    from rkif.runner import run_experiment
+
+    results = run_experiment(config)
+    print(matrix_table(results))
+    report([config.output_dir], config.output_dir)
+    print(f"\nresults, checkpoints and plots in {config.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

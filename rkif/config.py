@@ -1,0 +1,65 @@
+"""RunConfig: every setting of one continual-learning run, recorded beside its results."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from rkif.backbones import BackboneConfig
+from rkif.data import default_data_root
+
+
+@dataclass
+class RunConfig:
+    """One experiment: data, backbone, method, optimisation, output."""
+
+    method: str = "rkif"
+    method_options: dict = field(default_factory=dict)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: str = field(default_factory=lambda: str(default_data_root()))
+    benchmark: str = "standard"
+    order: int = 1
+    tasks: list[str] | None = None
+    train_size: int | None = 500     # per task, stratified; None = the whole split
+    test_size: int | None = 300      # per task, stratified; None = the whole split
+    eval_split: str = "test"
+    memory_fraction: float = 0.02
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3                 # the O-LoRA/MIGU regime (1 epoch, constant-size LoRA lr)
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"          # fp32 | bf16 | fp16
+    seed: int = 42
+    output: str = "runs/default"
+    resume: bool = False
+    report_to: str = "none"          # any Trainer integration, e.g. tensorboard
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = dict(d)
+        d["backbone"] = BackboneConfig(**d.get("backbone", {}))
+        return cls(**d)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on."""
+    out = {"python": platform.python_version()}
+    for pkg in ("rkif", "torch", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

@@ -1,0 +1,8 @@
+"""Continual-learning methods: one file each, registered by name (import order fills the registry)."""
+
+from rkif.methods import mtl, replay, rkif, seqlora  # noqa: F401  (registration side effect)
+from rkif.methods.base import MemoryMethod, Method, MethodConfig, parse_options
+from rkif.methods.registry import METHODS, PRESETS, available, register, register_preset, resolve
+
+__all__ = ["METHODS", "PRESETS", "MemoryMethod", "Method", "MethodConfig", "available",
+           "parse_options", "register", "register_preset", "resolve"]

@@ -1,0 +1,58 @@
+"""Continual-learning metrics as pure functions of the accuracy matrix.
+
+``acc[i][j]`` is the accuracy on task i after training stage j (rows = evaluated task, columns =
+after training). With one task per stage the matrix is square and stage j trains task j.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Matrix = Sequence[Sequence[float]]
+
+
+def exact_match(prediction: str, label: str) -> bool:
+    """The paper's scorer: case-insensitive exact match after stripping white space."""
+    return prediction.strip().lower() == label.strip().lower()
+
+
+def overall_performance(acc: Matrix) -> float:
+    """OP = mean_i a[i][K], the mean accuracy after the last stage (Eq. 10)."""
+    return sum(row[-1] for row in acc) / len(acc)
+
+
+def backward_transfer(acc: Matrix) -> float | None:
+    """BWT = mean over i < K of (a[i][K] - a[i][i]) (Eq. 11, divided by K - 1).
+
+    None when it is undefined: fewer than two tasks, or a matrix that is not one task per stage.
+    """
+    k = len(acc)
+    if k < 2 or any(len(row) != k for row in acc):
+        return None
+    return sum(acc[i][k - 1] - acc[i][i] for i in range(k - 1)) / (k - 1)
+
+
+def forward_transfer(acc: Matrix, initial: Sequence[float]) -> float | None:
+    """FWT = mean over i > 1 of (a[i][i-1] - b_i) (Lopez-Paz & Ranzato 2017).
+
+    ``b_i`` is the accuracy on task i of the model before any training (``initial``): how much
+    learning the earlier tasks helped task i before it was seen.
+    """
+    k = len(acc)
+    if k < 2 or any(len(row) != k for row in acc):
+        return None
+    return sum(acc[i][i - 1] - initial[i] for i in range(1, k)) / (k - 1)
+
+
+def forgetting(acc: Matrix) -> list[float | None]:
+    """Per-task forgetting: max over j in [i, K) of a[i][j] minus a[i][K]; None for the last task."""
+    k = len(acc)
+    if any(len(row) != k for row in acc):
+        return [None] * k
+    return [max(acc[i][i:k - 1]) - acc[i][k - 1] if i < k - 1 else None for i in range(k)]
+
+
+def summarize(acc: Matrix, initial: Sequence[float]) -> dict:
+    """OP, BWT, FWT and per-task forgetting in one dict (fractions in [0, 1])."""
+    return {"op": overall_performance(acc), "bwt": backward_transfer(acc),
+            "fwt": forward_transfer(acc, initial), "forgetting": forgetting(acc)}

@@ -1,0 +1,145 @@
+"""The continual-learning loop: train each stage, evaluate every task, checkpoint, resume.
+
+    for each stage j of method.stages(tasks):          (one task per stage unless the method says)
+        data = method.before_task(j, ...)
+        ContinualTrainer(backbone, data, method).train()
+        method.after_task(j, ...)
+        evaluate every task -> column j of the accuracy matrix
+        save adapter + method state (safetensors + JSON), write results.json (atomic)
+
+The runner never names a method: everything method-specific happens in the method's hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from transformers import set_seed
+
+from rkif import io, metrics
+from rkif.backbones import Backbone, build_backbone
+from rkif.config import RunConfig, library_versions
+from rkif.data import Task, load_benchmark, resolve_task_names
+from rkif.methods import Method, parse_options, resolve
+from rkif.training import train_stage
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+# settings that may differ between a run and its resumption
+_RESUME_FREE = {"resume", "output"}
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str) -> list[float]:
+    """Accuracy (exact match) of the current model on every task's evaluation split."""
+    accs = []
+    for task in tasks:
+        examples = task.split(split)
+        answers = backbone.predict(examples, desc=f"{desc} {task.name}")
+        accs.append(sum(metrics.exact_match(a, ex.output) for a, ex in zip(answers, examples)) / len(examples))
+    return accs
+
+
+def build(run: RunConfig) -> tuple[list[Task], Backbone, Method]:
+    """Tasks, backbone (answer space set) and method of a run."""
+    names = resolve_task_names(Path(run.data), run.benchmark, run.order, run.tasks)
+    tasks = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed)
+    set_seed(run.seed)
+    backbone = build_backbone(run.backbone)
+    backbone.set_answer_space(tasks)
+    method_cls, options = resolve(run.method, run.method_options)
+    method = method_cls(parse_options(method_cls.config_class, options), backbone, run)
+    return tasks, backbone, method
+
+
+def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
+    now = {k: v for k, v in run.to_dict().items() if k not in _RESUME_FREE}
+    before = {k: v for k, v in previous["config"].items() if k not in _RESUME_FREE}
+    diff = sorted(k for k in now if now[k] != before.get(k))
+    if diff:
+        raise ValueError(f"{path}: cannot resume, settings differ from the saved run: {diff}")
+
+
+def _results(run, tasks, stages, columns, initial, extra) -> dict:
+    """results.json: rows = evaluated task, columns = after training stage j."""
+    matrix = [[col[i] for col in columns] for i in range(len(tasks))]
+    done = len(columns) == len(stages)
+    summary = metrics.summarize(matrix, initial) if done else {}
+    return {
+        "method": run.method, "model": run.backbone.model, "family": run.backbone.family,
+        "benchmark": run.benchmark if not run.tasks else "custom",
+        "order": run.order if not run.tasks else None,
+        "tasks": [t.name for t in tasks], "stages": [[t.name for t in s] for s in stages],
+        "accuracy": matrix, "initial_accuracy": initial,
+        "op": summary.get("op"), "bwt": summary.get("bwt"), "fwt": summary.get("fwt"),
+        "forgetting": summary.get("forgetting"),
+        "finished_stages": len(columns), "complete": done,
+        "config": run.to_dict(), "versions": library_versions(), **extra,
+    }
+
+
+def run_experiment(run: RunConfig) -> dict:
+    """Run (or resume) one continual-learning experiment and return its results dict."""
+    out = run.output_dir
+    results_path = out / RESULTS
+    previous = io.read_json(results_path) if results_path.exists() else None
+    if previous and not run.resume:
+        raise FileExistsError(f"{results_path} exists: pass --resume to continue it or choose another --output")
+    if previous:
+        _check_resumable(run, previous, results_path)
+
+    tasks, backbone, method = build(run)
+    stages = method.stages(tasks)
+    columns: list[list[float]] = []
+    extra = {"seconds": 0.0, "stage_log": []}
+    if previous and previous["finished_stages"] > 0:
+        columns = [list(c) for c in zip(*previous["accuracy"])]
+        initial = previous["initial_accuracy"]
+        extra = {"seconds": previous["seconds"], "stage_log": previous["stage_log"]}
+        ckpt = out / "checkpoints" / f"stage_{len(columns) - 1}"
+        backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
+        method.load_state_dict(io.read_tensors(ckpt / "method.safetensors"), io.read_json(ckpt / "method.json"))
+        logger.info("resuming %s after stage %d/%d", out, len(columns), len(stages))
+    else:
+        initial = evaluate(backbone, tasks, run.eval_split, "eval (untrained)")
+        logger.info("untrained accuracy: %s", _fmt(tasks, initial))
+
+    for j in range(len(columns), len(stages)):
+        start = time.perf_counter()
+        stage = stages[j]
+        set_seed(run.seed + j)
+        train = [ex for t in stage for ex in t.split("train")]
+        data = method.before_task(j, stage, train)
+        names = "+".join(t.name for t in stage)
+        logger.info("stage %d/%d: %s (%d training examples)", j + 1, len(stages), names, len(data))
+        log = train_stage(backbone, data, method, run, j, str(out / "trainer"))
+        method.after_task(j, stage, train)
+        column = evaluate(backbone, tasks, run.eval_split, f"eval after {names}")
+        columns.append(column)
+        log.update(stage=j, tasks=names, seconds=time.perf_counter() - start)
+        extra["stage_log"].append(log)
+        extra["seconds"] += log["seconds"]
+        extra["diagnostics"] = method.diagnostics()
+        logger.info("after %s: %s", names, _fmt(tasks, column))
+        if is_main_process():
+            ckpt = out / "checkpoints" / f"stage_{j}"
+            tensors, meta = method.state_dict()
+            io.write_tensors(ckpt / "adapter.safetensors", backbone.adapter_state())
+            io.write_tensors(ckpt / "method.safetensors", tensors)
+            io.write_json(ckpt / "method.json", meta)
+            io.write_json(results_path, _results(run, tasks, stages, columns, initial, extra))
+    results = _results(run, tasks, stages, columns, initial, extra)
+    if is_main_process():
+        io.write_json(results_path, results)
+    return results
+
+
+def _fmt(tasks: list[Task], accs: list[float]) -> str:
+    return " ".join(f"{t.name}={a:.3f}" for t, a in zip(tasks, accs))

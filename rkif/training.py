@@ -1,0 +1,103 @@
+"""The stock ``transformers.Trainer``, extended (not copied) to call a method's hooks.
+
+``ContinualTrainer`` adds the method's extra loss terms in ``compute_loss`` and logs them in
+``log``; ``MethodCallback`` forwards the Trainer's events to the method together with the trainer,
+so methods see the accelerator, the optimizer and the wrapped model. Gradient accumulation, mixed
+precision and distributed training are the Trainer's and keep working.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from rkif.backbones import Backbone
+from rkif.config import RunConfig
+from rkif.data import Example
+from rkif.methods import Method
+
+
+class MethodCallback(TrainerCallback):
+    """Forwards Trainer events to ``method.on_<event>(trainer)``."""
+
+    def __init__(self, method: Method, trainer: Trainer):
+        self.method = method
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.method.on_train_begin(self.trainer)
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.method.on_pre_optimizer_step(self.trainer)
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.method.on_optimizer_step(self.trainer)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.method.on_step_end(self.trainer)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.method.on_train_end(self.trainer)
+
+
+class ContinualTrainer(Trainer):
+    """A Trainer that lets a continual-learning method add loss terms and follow every step."""
+
+    def __init__(self, *args, method: Method, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self._extra_logs: dict[str, list[float]] = defaultdict(list)
+        self.add_callback(MethodCallback(method, self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        for name, term in self.method.extra_loss(model, inputs).items():
+            loss = loss + term
+            self._extra_logs[name].append(term.detach().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for name, values in self._extra_logs.items():
+            logs[name] = sum(values) / len(values)
+        self._extra_logs.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def training_arguments(run: RunConfig, stage: int, workdir: str) -> TrainingArguments:
+    """TrainingArguments of one stage; the seed depends only on (run seed, stage) for resumability."""
+    return TrainingArguments(
+        output_dir=workdir,
+        per_device_train_batch_size=run.batch_size,
+        gradient_accumulation_steps=run.grad_accum,
+        learning_rate=run.lr,
+        num_train_epochs=run.epochs,
+        lr_scheduler_type=run.lr_scheduler,
+        warmup_steps=run.warmup_steps,
+        weight_decay=run.weight_decay,
+        max_grad_norm=run.max_grad_norm,
+        bf16=run.precision == "bf16",
+        fp16=run.precision == "fp16",
+        seed=run.seed + stage,
+        data_seed=run.seed + stage,
+        save_strategy="no",
+        report_to=run.report_to,
+        logging_steps=10,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.accelerator.is_available(),   # CPU-only: lets torchrun/accelerate run DDP on gloo
+        disable_tqdm=False,
+    )
+
+
+def train_stage(backbone: Backbone, data: list[Example], method: Method, run: RunConfig,
+                stage: int, workdir: str) -> dict:
+    """Train one stage with a fresh optimizer and schedule (as every reference code does)."""
+    trainer = ContinualTrainer(model=backbone, args=training_arguments(run, stage, workdir),
+                               train_dataset=data, data_collator=backbone.collate, method=method)
+    result = trainer.train()
+    return {"steps": result.global_step, "train_loss": result.training_loss,
+            "train_seconds": result.metrics.get("train_runtime")}
+

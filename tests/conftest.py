@@ -1,0 +1,91 @@
+"""Shared fixtures: the real data root, tiny synthetic task folders, a toy backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rkif.backbones.base import Backbone, BackboneConfig
+from rkif.data import Example
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "long_sequence").is_dir():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+WORDS = {"red": "colour", "blue": "colour", "cat": "animal", "dog": "animal", "one": "number", "two": "number"}
+
+
+def write_tasks(root: Path, spec: dict[str, tuple[list[str], int, int]]) -> Path:
+    """Write tiny tasks: ``{name: (labels, n_train, n_test)}`` as ROOT/long_sequence/{train,test}/name.json."""
+    for name, (labels, n_train, n_test) in spec.items():
+        for split, n in (("train", n_train), ("test", n_test)):
+            recs = [{"instruction": f"Pick one of: {', '.join(labels)}.\n",
+                     "input": f"Sample {i} of {name}: the answer is {labels[i % len(labels)]}.\nAnswer:",
+                     "output": labels[i % len(labels)]} for i in range(n)]
+            path = root / "long_sequence" / split / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(recs))
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return write_tasks(tmp_path / "data", {
+        "alpha": (["yes", "no"], 16, 8),
+        "beta": (["red", "green", "blue"], 16, 9),
+        "gamma": (["up", "down"], 16, 8),
+    })
+
+
+class ToyBackbone(Backbone):
+    """A linear classifier over numbers written in the input: deterministic, no dropout, tiny.
+
+    Its parameters are named ``lora_*`` so they count as the adapter. Examples carry their
+    features as the input string "x1 x2 x3 x4" and the label as one of ``LABELS``.
+    """
+
+    family = "toy"
+    LABELS = ["a", "b", "c"]
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        model = nn.Module()
+        model.lora_w = nn.Parameter(torch.randn(3, 4) * 0.5)
+        model.lora_b = nn.Parameter(torch.randn(3) * 0.1)
+        super().__init__(model, None, BackboneConfig(model="toy", family="toy"))
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        x = torch.tensor([[float(v) for v in ex.input.split()] for ex in examples])
+        y = torch.tensor([ToyBackbone.LABELS.index(ex.output) for ex in examples])
+        return {"x": x, "labels": y}
+
+    def forward(self, x, labels) -> dict[str, torch.Tensor]:
+        logits = x @ self.model.lora_w.T + self.model.lora_b
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    def predict_batch(self, examples: list[Example]) -> list[str]:
+        batch = self.collate(examples)
+        logits = batch["x"] @ self.model.lora_w.T + self.model.lora_b
+        return [self.LABELS[i] for i in logits.argmax(-1).tolist()]
+
+
+def toy_examples(task: str, n: int, seed: int) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + 2 * x[:, 1] - x[:, 2] > 0).long() + (x[:, 3] > 1).long()
+    return [Example(task, " ".join(f"{v:.4f}" for v in row.tolist()), ToyBackbone.LABELS[int(c)])
+            for row, c in zip(x, y)]

@@ -1,0 +1,96 @@
+"""Each backbone family trains a step and predicts, on a tiny model built offline."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+from rkif.backbones import BackboneConfig, CausalBackbone, EncoderBackbone, Seq2SeqBackbone, minilm_path
+from rkif.config import RunConfig
+from rkif.data import Example, Task
+from rkif.methods import resolve
+from rkif.methods.base import parse_options
+from rkif.training import train_stage
+
+EXAMPLES = [Example("t", f"Sentence {i}: it is {lab}.\nAnswer:", lab, "Is it good or bad?\n")
+            for i, lab in enumerate(["good", "bad"] * 4)]
+
+
+def tokenizer():
+    tok = AutoTokenizer.from_pretrained(minilm_path())       # an offline WordPiece tokenizer
+    tok.eos_token = "[SEP]"
+    return tok
+
+
+def tiny_t5():
+    tok = tokenizer()
+    cfg = T5Config(vocab_size=tok.vocab_size, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.sep_token_id)
+    torch.manual_seed(0)
+    return Seq2SeqBackbone(BackboneConfig(model="tiny-t5", family="seq2seq", max_length=32, max_target_length=4),
+                           model=T5ForConditionalGeneration(cfg), tokenizer=tok)
+
+
+def tiny_llama():
+    tok = tokenizer()
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    torch.manual_seed(0)
+    return CausalBackbone(BackboneConfig(model="tiny-llama", family="causal", max_length=32, max_target_length=4),
+                          model=LlamaForCausalLM(cfg), tokenizer=tok)
+
+
+def minilm():
+    torch.manual_seed(0)
+    backbone = EncoderBackbone(BackboneConfig(max_length=32))
+    backbone.set_answer_space([Task("t", {"train": EXAMPLES}), Task("u", {"train": [Example("u", "x", "maybe")]})])
+    return backbone
+
+
+@pytest.mark.parametrize("build, targets", [(tiny_t5, ("q", "v")), (tiny_llama, ("q_proj", "v_proj")),
+                                            (minilm, ("query", "value"))])
+def test_family_trains_a_step_and_predicts(tmp_path, build, targets):
+    backbone = build()
+    names = list(backbone.trainable_parameters())
+    assert names and all("lora_" in n for n in names)
+    assert {n.split(".")[-4] for n in names} == set(targets)                # LoRA on q and v only
+    frozen = {n: p.detach().clone() for n, p in backbone.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in backbone.trainable_parameters().items()}
+    run = RunConfig(batch_size=4, epochs=1, lr=1e-2)
+    cls, opts = resolve("seqlora")
+    train_stage(backbone, EXAMPLES, cls(parse_options(cls.config_class, opts), backbone, run), run, 0,
+                str(tmp_path))
+    after = backbone.trainable_parameters()
+    assert any(not torch.equal(before[n], after[n]) for n in before)       # LoRA moved
+    assert all(torch.equal(frozen[n], p) for n, p in backbone.named_parameters() if n in frozen)
+    answers = backbone.predict(EXAMPLES[:3])
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_generative_loss_is_on_answer_tokens_only():
+    backbone = tiny_llama()
+    batch = backbone.collate(EXAMPLES[:2])
+    for row, ex in zip(range(2), EXAMPLES[:2]):
+        answer = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        expected = backbone.tokenizer(" " + ex.output, add_special_tokens=False)["input_ids"]
+        assert answer == expected + [backbone.tokenizer.eos_token_id]
+    t5 = tiny_t5().collate(EXAMPLES[:2])
+    assert (t5["labels"] == -100).any() or t5["labels"].shape[1] > 0
+
+
+def test_encoder_scores_over_all_labels_or_task_options():
+    backbone = minilm()
+    assert backbone.candidates == ["bad", "good", "maybe"]
+    batch = backbone.collate(EXAMPLES[:2])
+    assert batch["option_mask"].all()                                       # every label of the run
+    backbone.config.answer_space = "task"
+    batch = backbone.collate(EXAMPLES[:2])
+    assert batch["option_mask"].tolist() == [[True, True, False]] * 2      # only the task's own labels
+    assert set(backbone.predict(EXAMPLES[:4])) <= {"good", "bad"}
+
+
+def test_minilm_cannot_be_generative():
+    from rkif.backbones import build_backbone
+    with pytest.raises(ValueError, match="encoder"):
+        build_backbone(BackboneConfig(model="minilm", family="seq2seq"))

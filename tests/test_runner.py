@@ -1,0 +1,99 @@
+"""The loop over tasks end to end on tiny tasks with MiniLM: matrix, checkpoints, resume, CLI, report."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from rkif import runner
+from rkif.backbones import BackboneConfig
+from rkif.cli import main
+from rkif.config import RunConfig
+
+
+def config(data, out, method="rkif", **kw) -> RunConfig:
+    settings = dict(method=method, backbone=BackboneConfig(max_length=32), data=str(data),
+                    method_options={"inner_steps": "1", "outer_steps": "1"} if method == "rkif" else {},
+                    tasks=["alpha", "beta", "gamma"], train_size=None, test_size=None, memory_fraction=0.25,
+                    epochs=1, batch_size=8, lr=5e-3, seed=7, output=str(out))
+    return RunConfig(**{**settings, **kw})
+
+
+def test_run_fills_the_matrix_and_writes_results(tiny_data, tmp_path):
+    res = runner.run_experiment(config(tiny_data, tmp_path / "run", method="replay"))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["accuracy"] == res["accuracy"] and len(res["accuracy"]) == 3
+    assert all(len(row) == 3 for row in res["accuracy"]) and len(res["initial_accuracy"]) == 3
+    assert res["complete"] and res["op"] is not None and res["bwt"] is not None and res["fwt"] is not None
+    for key in ("method", "model", "order", "tasks", "config", "seconds", "versions"):
+        assert key in saved
+    assert saved["config"]["seed"] == 7 and "torch" in saved["versions"]
+    for j in range(3):
+        ckpt = tmp_path / "run" / "checkpoints" / f"stage_{j}"
+        assert load_file(ckpt / "adapter.safetensors")                       # safetensors weights
+        assert json.loads((ckpt / "method.json").read_text())["memory"]["by_task"]
+
+
+def test_mtl_trains_one_stage(tiny_data, tmp_path):
+    res = runner.run_experiment(config(tiny_data, tmp_path / "mtl", method="mtl"))
+    assert res["stages"] == [["alpha", "beta", "gamma"]] and all(len(r) == 1 for r in res["accuracy"])
+    assert res["bwt"] is None and res["op"] is not None
+
+
+def test_resume_after_a_crash_gives_the_same_matrix(tiny_data, tmp_path, monkeypatch):
+    full = runner.run_experiment(config(tiny_data, tmp_path / "full"))
+
+    real, calls = runner.train_stage, []
+
+    def crash_on_second_stage(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped mid-sequence")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "train_stage", crash_on_second_stage)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(config(tiny_data, tmp_path / "cut"))
+    partial = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert partial["finished_stages"] == 1 and not partial["complete"]
+    monkeypatch.setattr(runner, "train_stage", real)
+    resumed = runner.run_experiment(config(tiny_data, tmp_path / "cut", resume=True))
+    assert resumed["accuracy"] == full["accuracy"]
+    assert resumed["initial_accuracy"] == full["initial_accuracy"]
+    assert resumed["diagnostics"]["rounds"] == full["diagnostics"]["rounds"]
+
+
+def test_existing_results_are_never_overwritten(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"keep": true}')
+    with pytest.raises(FileExistsError, match="--resume"):
+        runner.run_experiment(config(tiny_data, out, method="seqlora"))
+    assert json.loads((out / "results.json").read_text()) == {"keep": True}
+
+
+def test_resume_refuses_changed_settings(tiny_data, tmp_path):
+    runner.run_experiment(config(tiny_data, tmp_path / "run", method="seqlora", epochs=0.5))
+    with pytest.raises(ValueError, match="epochs"):
+        runner.run_experiment(config(tiny_data, tmp_path / "run", method="seqlora", resume=True))
+
+
+def test_cli_run_and_report(tiny_data, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["run", "--method", "seqlora", "--data", str(tiny_data), "--tasks", "alpha,beta",
+                 "--train-size", "8", "--test-size", "all", "--max-length", "32", "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| alpha |" in printed and "OP" in printed
+    assert (out / "matrix_seqlora_orderNone.png").stat().st_size > 0
+    assert (out / "final_accuracy.png").exists() and (out / "table.md").exists()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert "| seqlora |" in (tmp_path / "rep" / "table.md").read_text()
+
+
+def test_cli_errors_name_the_fault(tiny_data, tmp_path, caplog):
+    assert main(["run", "--data", str(tiny_data), "--tasks", "alpha,nope", "--output", str(tmp_path / "x")]) == 2
+    assert "nope" in caplog.text
+    assert main(["run", "--method", "magic", "--data", str(tiny_data), "--tasks", "alpha",
+                 "--output", str(tmp_path / "y")]) == 2
+    assert "magic" in caplog.text
