@@ -40,6 +40,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", type=int, default=d.order, help="task order: 1-3 standard, 4-6 long")
     p.add_argument("--tasks", default=None, help="explicit comma-separated task list (overrides the order)")
     p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (overrides --epochs)")
     p.add_argument("--train-size", type=_size, default=d.train_size, help="examples per task ('all' for every one)")
     p.add_argument("--test-size", type=_size, default=d.test_size, help="test examples per task ('all')")
     p.add_argument("--eval-split", default=d.eval_split, choices=["test", "dev"])
@@ -74,7 +75,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         method=a.method, method_options=_options(a.option), backbone=backbone,
         data=a.data or str(default_data_root()), benchmark=a.benchmark, order=a.order,
         tasks=a.tasks.split(",") if a.tasks else None, train_size=a.train_size, test_size=a.test_size,
-        eval_split=a.eval_split, memory_fraction=a.memory_fraction, epochs=a.epochs,
+        eval_split=a.eval_split, memory_fraction=a.memory_fraction, epochs=a.epochs, max_steps=a.max_steps,
         batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup_steps,
         precision=a.precision, seed=a.seed, output=a.output, resume=a.resume, report_to=a.report_to)
 

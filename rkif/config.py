@@ -27,6 +27,7 @@ class RunConfig:
     eval_split: str = "test"
     memory_fraction: float = 0.02
     epochs: float = 1.0
+    max_steps: int | None = None     # optimizer steps per stage; overrides epochs when set
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3                 # the O-LoRA/MIGU regime (1 epoch, constant-size LoRA lr)

@@ -74,6 +74,7 @@ def training_arguments(run: RunConfig, stage: int, workdir: str) -> TrainingArgu
         gradient_accumulation_steps=run.grad_accum,
         learning_rate=run.lr,
         num_train_epochs=run.epochs,
+        max_steps=run.max_steps or -1,
         lr_scheduler_type=run.lr_scheduler,
         warmup_steps=run.warmup_steps,
         weight_decay=run.weight_decay,

@@ -15,18 +15,19 @@ LR, OUTER_LR, CLIP = 0.05, 0.03, 1.0
 
 
 def _run_config(**kw) -> RunConfig:
-    return RunConfig(batch_size=16, epochs=EPOCHS, lr=LR, lr_scheduler="constant", max_grad_norm=CLIP,
-                     memory_fraction=0.25, seed=3, **kw)
+    settings = dict(batch_size=16, epochs=EPOCHS, lr=LR, lr_scheduler="constant", max_grad_norm=CLIP,
+                    memory_fraction=0.25, seed=3)
+    return RunConfig(**{**settings, **kw})
 
 
 def _tasks():
     return [Task("A", {"train": toy_examples("A", 16, 1)}), Task("B", {"train": toy_examples("B", 16, 2)})]
 
 
-def run_rkif(tmp_path, method="rkif", **options):
+def run_rkif(tmp_path, method="rkif", run_options=None, **options):
     """Two tasks through train_stage; returns the final parameters and the method."""
     backbone = ToyBackbone(seed=0)
-    run = _run_config()
+    run = _run_config(**(run_options or {}))
     cls, opts = resolve(method, {"inner_steps": 3, "outer_steps": 2, "outer_lr": OUTER_LR, **options})
     m = cls(parse_options(cls.config_class, opts), backbone, run)
     for stage, task in enumerate(_tasks()):
@@ -183,3 +184,21 @@ def test_bad_option_is_refused():
         cls(parse_options(cls.config_class, opts), ToyBackbone(), _run_config())
     with pytest.raises(ValueError, match="unknown option"):
         parse_options(cls.config_class, {"inner_step": "3"})
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    """Q counts optimizer steps and importance is taken once per step from the accumulated gradient."""
+    accumulated, m = run_rkif(tmp_path, run_options={"batch_size": 8, "grad_accum": 2})
+    ref = reference()
+    for n in ref:
+        assert torch.allclose(accumulated[n], ref[n], atol=1e-5), n
+    assert [r["step"] for r in m.diagnostics()["rounds"]] == [3, 6, 9, 10]
+
+
+def test_bf16_mixed_precision_trains_and_fuses(tmp_path):
+    ours, m = run_rkif(tmp_path, run_options={"precision": "bf16"})
+    ref = reference()
+    assert len(m.diagnostics()["rounds"]) == 4
+    for n in ref:
+        assert torch.isfinite(ours[n]).all() and ours[n].dtype == torch.float32
+        assert torch.allclose(ours[n], ref[n], atol=0.1)                   # close to fp32, not equal

@@ -20,8 +20,9 @@ Deviations and choices, each a switch: importance uses the weights at which the 
 taken (``importance_weights="pre_step"``; the release uses post-step weights); with M > 1,
 Ibar_out averages the M outer steps; the steps left after the last full round are fused as a
 shorter round (``partial_round="fuse"``; the release leaves them unfused: ``"keep"``); the outer
-loop has its own AdamW at ``outer_lr`` (paper: 3e-4 for both loops; the release steps the inner
-optimizer: ``outer_optimizer="shared"``). Defaults: Q = 8, M = 4 (the paper's reported full-model
+loop has its own AdamW, fresh each task, at ``outer_lr`` (default: the run's lr, since the paper
+uses one lr for both loops; the release steps the inner optimizer: ``outer_optimizer="shared"``);
+one outer step is one global batch of ``outer_batch_size`` memory examples, split over DDP ranks. Defaults: Q = 8, M = 4 (the paper's reported full-model
 setting, Table 8: 8/4), a1 = a2 = 0.55, top 20 %, global threshold. The release variant is the
 preset ``rkif-release``; every ablation of Tables 2 and 10 is a preset below.
 """
