@@ -45,12 +45,13 @@ class EncoderBackbone(Backbone):
         model = self.wrap(AutoModel.from_pretrained(path), cfg, task_type="FEATURE_EXTRACTION")
         super().__init__(model, tokenizer, cfg)
         self.candidates: list[str] = []
+        self.label_index: dict[str, int] = {}
         self.task_options: dict[str, list[int]] = {}
 
     def set_answer_space(self, tasks: list[Task]) -> None:
         self.candidates = sorted({label for t in tasks for label in t.labels})
-        index = {c: i for i, c in enumerate(self.candidates)}
-        self.task_options = {t.name: [index[label] for label in t.labels] for t in tasks}
+        self.label_index = {c: i for i, c in enumerate(self.candidates)}
+        self.task_options = {t.name: [self.label_index[label] for label in t.labels] for t in tasks}
         cand = self.tokenize(self.candidates, self.config.max_length)
         self.register_buffer("cand_ids", cand["input_ids"], persistent=False)
         self.register_buffer("cand_mask", cand["attention_mask"], persistent=False)
@@ -72,9 +73,8 @@ class EncoderBackbone(Backbone):
         if not self.candidates:
             raise RuntimeError("set_answer_space() must be called before training the encoder")
         enc = self.tokenize([ex.prompt for ex in examples], self.config.max_length)
-        index = {c: i for i, c in enumerate(self.candidates)}
         # a label outside the answer space cannot be trained on: -100 is ignored by cross_entropy
-        labels = torch.tensor([index.get(ex.output, -100) for ex in examples])
+        labels = torch.tensor([self.label_index.get(ex.output, -100) for ex in examples])
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "labels": labels, "option_mask": self._option_mask(examples)}
 

@@ -22,8 +22,9 @@ Ibar_out averages the M outer steps; the steps left after the last full round ar
 shorter round (``partial_round="fuse"``; the release leaves them unfused: ``"keep"``); the outer
 loop has its own AdamW, fresh each task, at ``outer_lr`` (default: the run's lr, since the paper
 uses one lr for both loops; the release steps the inner optimizer: ``outer_optimizer="shared"``);
-one outer step is one global batch of ``outer_batch_size`` memory examples, split over DDP ranks. Defaults: Q = 8, M = 4 (the paper's reported full-model
-setting, Table 8: 8/4), a1 = a2 = 0.55, top 20 %, global threshold. The release variant is the
+one outer step is one global batch of ``outer_batch_size`` memory examples, split over DDP ranks.
+Defaults: Q = 8, M = 4 (the paper's reported full-model setting, Table 8: 8/4), a1 = a2 = 0.55,
+top 20 %, global threshold. The release variant is the
 preset ``rkif-release``; every ablation of Tables 2 and 10 is a preset below.
 """
 
@@ -96,6 +97,9 @@ class RecurrentKIF(MemoryMethod):
         self.active = len(self.memory) > 0          # task 1: no memory, plain training
         if not self.active:
             return
+        if cfg.outer_batch_size % trainer.args.world_size:
+            raise ValueError(f"rkif outer_batch_size={cfg.outer_batch_size} must be a multiple of the "
+                             f"number of processes ({trainer.args.world_size})")
         self.params = self.backbone.trainable_parameters()
         self.anchor = self._snapshot()
         self.inner = make_tracker(cfg.smoothing, cfg.alpha_in, cfg.su_beta)
