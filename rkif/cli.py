@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="markdown table and plots from run folders")
     rep.add_argument("dirs", nargs="+", help="run folders (or results.json files)")
     rep.add_argument("--out", default=None, help="where to write table.md and PNGs (default: the first folder)")
+    bench_p = sub.add_parser("bench", help="run a grid (methods x orders x seeds) into one table, resumably")
+    bench_p.add_argument("config", help="grid file (TOML), e.g. benchmarks/standard.toml")
+    bench_p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<name>)")
+    bench_p.add_argument("--data", default=None, help="data root (default: the grid's, $RKIF_DATA or ../shared/data)")
     sub.add_parser("methods", help="list the methods and presets")
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(config_from_args(args))
+        if args.command == "bench":
+            from rkif.bench import bench
+            print(bench(Path(args.config), Path(args.out) if args.out else None, args.data))
+            return 0
         if args.command == "report":
             from rkif.report import report
             print(report([Path(d) for d in args.dirs], Path(args.out) if args.out else None))

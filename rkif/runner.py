@@ -51,11 +51,12 @@ def build(run: RunConfig) -> tuple[list[Task], Backbone, Method]:
     """Tasks, backbone (answer space set) and method of a run."""
     names = resolve_task_names(Path(run.data), run.benchmark, run.order, run.tasks)
     tasks = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed)
-    set_seed(run.seed)
-    backbone = build_backbone(run.backbone)
-    backbone.set_answer_space(tasks)
     method_cls, options = resolve(run.method, run.method_options)
-    method = method_cls(parse_options(method_cls.config_class, options), backbone, run)
+    method_config = parse_options(method_cls.config_class, options)
+    set_seed(run.seed)
+    backbone = build_backbone(run.backbone, method_cls.peft_config(method_config, run.backbone))
+    backbone.set_answer_space(tasks)
+    method = method_cls(method_config, backbone, run)
     return tasks, backbone, method
 
 
@@ -104,8 +105,9 @@ def run_experiment(run: RunConfig) -> dict:
         initial = previous["initial_accuracy"]
         extra = {"seconds": previous["seconds"], "stage_log": previous["stage_log"]}
         ckpt = out / "checkpoints" / f"stage_{len(columns) - 1}"
-        backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
+        # method state first: a method that adds adapters per task recreates them before the weights load
         method.load_state_dict(io.read_tensors(ckpt / "method.safetensors"), io.read_json(ckpt / "method.json"))
+        backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
         logger.info("resuming %s after stage %d/%d", out, len(columns), len(stages))
     else:
         initial = evaluate(backbone, tasks, run.eval_split, "eval (untrained)")

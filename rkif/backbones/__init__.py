@@ -12,13 +12,13 @@ FAMILIES: dict[str, type[Backbone]] = {
 }
 
 
-def build_backbone(cfg: BackboneConfig) -> Backbone:
-    """Load the configured model family with LoRA attached."""
+def build_backbone(cfg: BackboneConfig, peft_config=None) -> Backbone:
+    """Load the configured model family with its adapter (the paper's LoRA unless ``peft_config``)."""
     if cfg.family not in FAMILIES:
         raise ValueError(f"unknown --family {cfg.family!r}: choose from {sorted(FAMILIES)}")
     if cfg.model == "minilm" and cfg.family != "encoder":
         raise ValueError("--model minilm is a sentence encoder: use --family encoder")
-    return FAMILIES[cfg.family](cfg)
+    return FAMILIES[cfg.family](cfg, peft_config=peft_config)
 
 
 __all__ = ["Backbone", "BackboneConfig", "FAMILIES", "build_backbone", "minilm_path"]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,10 +53,18 @@ class Backbone(nn.Module):
         self.model = peft_model
         self.tokenizer = tokenizer
         self.config = config
+        # the pretrained weights that stay frozen; everything else (every adapter a method adds) is saved
+        self.frozen_base = {n for n, p in self.named_parameters() if not p.requires_grad}
 
     @staticmethod
-    def wrap(model: nn.Module, cfg: BackboneConfig, task_type: str | None = None) -> PeftModel:
-        return get_peft_model(model, lora_config(cfg, task_type))
+    def wrap(model: nn.Module, cfg: BackboneConfig, task_type: str | None = None,
+             peft_config: PeftConfig | None = None) -> PeftModel:
+        """Attach the adapter: the paper's LoRA unless a method asks for another peft config."""
+        if peft_config is None:
+            peft_config = lora_config(cfg, task_type)
+        elif task_type is not None and getattr(peft_config, "task_type", None) is None:
+            peft_config.task_type = task_type
+        return get_peft_model(model, peft_config)
 
     # -- the protocol ---------------------------------------------------------------------------
     def set_answer_space(self, tasks: list[Task]) -> None:
@@ -84,8 +92,8 @@ class Backbone(nn.Module):
         return dict(self.named_trainable())
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Every adapter tensor (trainable or frozen), detached copies on CPU, for checkpoints."""
-        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if "lora_" in n}
+        """Every tensor that is not a frozen pretrained weight (all adapters, trainable or not), on CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if n not in self.frozen_base}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())

@@ -12,12 +12,14 @@ from rkif.data import Example
 class CausalBackbone(Backbone):
     family = "causal"
 
-    def __init__(self, cfg: BackboneConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: BackboneConfig, model=None, tokenizer=None, peft_config=None):
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {cfg.model!r} has no eos token; a causal backbone needs one")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = model or AutoModelForCausalLM.from_pretrained(cfg.model)
-        super().__init__(self.wrap(model, cfg, task_type="CAUSAL_LM"), tokenizer, cfg)
+        super().__init__(self.wrap(model, cfg, "CAUSAL_LM", peft_config), tokenizer, cfg)
 
     def _encode(self, text: str, limit: int) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]

@@ -39,10 +39,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class EncoderBackbone(Backbone):
     family = "encoder"
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, peft_config=None):
         path = str(minilm_path()) if cfg.model == "minilm" else cfg.model
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = self.wrap(AutoModel.from_pretrained(path), cfg, task_type="FEATURE_EXTRACTION")
+        model = self.wrap(AutoModel.from_pretrained(path), cfg, "FEATURE_EXTRACTION", peft_config)
         super().__init__(model, tokenizer, cfg)
         self.candidates: list[str] = []
         self.label_index: dict[str, int] = {}

@@ -12,10 +12,10 @@ from rkif.data import Example
 class Seq2SeqBackbone(Backbone):
     family = "seq2seq"
 
-    def __init__(self, cfg: BackboneConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: BackboneConfig, model=None, tokenizer=None, peft_config=None):
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
         model = model or AutoModelForSeq2SeqLM.from_pretrained(cfg.model)
-        super().__init__(self.wrap(model, cfg, task_type="SEQ_2_SEQ_LM"), tokenizer, cfg)
+        super().__init__(self.wrap(model, cfg, "SEQ_2_SEQ_LM", peft_config), tokenizer, cfg)
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         src = self.tokenize([ex.prompt for ex in examples], self.config.max_length)

@@ -3,6 +3,7 @@
 Every hook is a documented no-op, so a method overrides only the moments it needs:
 
 =========================  =====================================================================
+``peft_config`` (class)     the adapter to attach (default: the backbone's LoRA)
 ``stages(tasks)``           how the sequence is trained: one stage per task (default) or fewer
 ``before_task``             before a stage trains; returns the training examples (replay mixes here)
 ``on_train_begin``          Trainer built, optimizer ready (``trainer.optimizer``)
@@ -28,7 +29,7 @@ from rkif.data import Example, ReplayMemory, Task
 if TYPE_CHECKING:
     from transformers import Trainer
 
-    from rkif.backbones import Backbone
+    from rkif.backbones import Backbone, BackboneConfig
     from rkif.config import RunConfig
 
 
@@ -71,6 +72,11 @@ class Method:
         self.config = config
         self.backbone = backbone
         self.run = run
+
+    @classmethod
+    def peft_config(cls, config: MethodConfig, backbone: BackboneConfig):
+        """The adapter this method trains: None means the backbone's LoRA (r, alpha, targets)."""
+        return None
 
     # -- runner hooks ---------------------------------------------------------------------------
     def stages(self, tasks: list[Task]) -> list[list[Task]]:

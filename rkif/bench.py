@@ -1,0 +1,108 @@
+"""``rkif bench CONFIG``: a grid of runs (methods x orders x seeds), resumable, into one table.
+
+A grid is a small TOML file::
+
+    name = "standard"                 # results go to benchmarks/results/<name>/ (or --out)
+    benchmark = "standard"
+    orders = [1, 2, 3]
+    seeds = [42]
+    methods = ["seqlora", "replay", "rkif"]
+    [run]                             # RunConfig fields shared by every run
+    train_size = 500
+    [backbone]                        # BackboneConfig fields
+    max_length = 128
+    [method_options.ewc]              # options of one method
+    ewc_lambda = 1000.0
+
+Each run lives in ``<out>/runs/<method>/order<o>-seed<s>/``; a finished run is skipped, a
+half-finished one resumes after its last finished task, a failed one is reported and the grid
+goes on. At the end ``table.md`` and the plots are written from every finished run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from dataclasses import fields
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from rkif import io
+from rkif.backbones import BackboneConfig
+from rkif.config import RunConfig
+from rkif.report import grid_report
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone", "method_options"}
+
+
+def load_grid(path: Path) -> dict:
+    """Read and validate a grid file; errors name the file and the key at fault."""
+    try:
+        grid = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{path}: cannot read grid ({err})") from err
+    unknown = set(grid) - GRID_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
+    for key in ("name", "methods", "orders"):
+        if key not in grid:
+            raise ValueError(f"{path}: missing {key!r}")
+    for section, cls in (("run", RunConfig), ("backbone", BackboneConfig)):
+        bad = set(grid.get(section, {})) - {f.name for f in fields(cls)}
+        if bad:
+            raise ValueError(f"{path}: [{section}] has unknown field(s) {sorted(bad)}")
+    return grid
+
+
+def grid_runs(grid: dict, out: Path, data: str | None = None) -> list[RunConfig]:
+    """Every RunConfig of the grid, methods outermost (so a method's orders finish together)."""
+    runs = []
+    for method in grid["methods"]:
+        for order in grid["orders"]:
+            for seed in grid.get("seeds", [42]):
+                settings = {**grid.get("run", {}), "method": method, "order": order, "seed": seed,
+                            "benchmark": grid.get("benchmark", "standard"), "resume": True,
+                            "method_options": dict(grid.get("method_options", {}).get(method, {})),
+                            "backbone": BackboneConfig(**grid.get("backbone", {})),
+                            "output": str(out / "runs" / method / f"order{order}-seed{seed}")}
+                if data:
+                    settings["data"] = data
+                runs.append(RunConfig(**settings))
+    return runs
+
+
+def is_finished(run: RunConfig) -> bool:
+    path = run.output_dir / "results.json"
+    return path.exists() and io.read_json(path).get("complete", False)
+
+
+def bench(config_path: Path, out: Path | None = None, data: str | None = None) -> str:
+    """Run every unfinished run of the grid, then write the table and plots; returns the table."""
+    from rkif.runner import run_experiment
+
+    grid = load_grid(config_path)
+    out = out or Path("benchmarks/results") / grid["name"]
+    runs = grid_runs(grid, out, data)
+    todo = [r for r in runs if not is_finished(r)]
+    logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), len(runs) - len(todo), len(todo))
+    failed = []
+    for run in tqdm(todo, desc=f"grid {grid['name']}", unit="run"):
+        logger.info("run %s order %d seed %d -> %s", run.method, run.order, run.seed, run.output)
+        try:
+            run_experiment(run)
+        except Exception:  # one failed run must not stop the grid; it is reported below
+            failed.append(run.output)
+            logger.error("run %s failed:\n%s", run.output, traceback.format_exc())
+    io.write_json(out / "grid.json", {**grid, "config_file": str(config_path)})
+    table = grid_report(out, [r for r in runs if is_finished(r)], grid.get("benchmark", "standard"))
+    if failed:
+        table += "\n\nFailed runs (see the log): " + ", ".join(failed)
+    return table
