@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         from rkif.methods import available
         print("\n".join(available()))
         return 0
-    except (DataError, FileExistsError, ValueError, KeyError, ImportError) as err:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError, KeyError, ImportError) as err:
         logging.getLogger("rkif").error("%s", err)
         return 2
 

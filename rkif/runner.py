@@ -95,6 +95,9 @@ def run_experiment(run: RunConfig) -> dict:
         raise FileExistsError(f"{results_path} exists: pass --resume to continue it or choose another --output")
     if previous:
         _check_resumable(run, previous, results_path)
+        if previous.get("complete"):
+            logger.info("%s is complete; nothing to resume", results_path)
+            return previous
 
     tasks, backbone, method = build(run)
     stages = method.stages(tasks)
@@ -103,7 +106,7 @@ def run_experiment(run: RunConfig) -> dict:
     if previous and previous["finished_stages"] > 0:
         columns = [list(c) for c in zip(*previous["accuracy"])]
         initial = previous["initial_accuracy"]
-        extra = {"seconds": previous["seconds"], "stage_log": previous["stage_log"]}
+        extra = {k: previous[k] for k in ("seconds", "stage_log", "diagnostics") if k in previous}
         ckpt = out / "checkpoints" / f"stage_{len(columns) - 1}"
         # method state first: a method that adds adapters per task recreates them before the weights load
         method.load_state_dict(io.read_tensors(ckpt / "method.safetensors"), io.read_json(ckpt / "method.json"))
