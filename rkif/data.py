@@ -52,10 +52,13 @@ class Task:
 
     name: str
     splits: dict[str, list[Example]] = field(default_factory=dict)
+    label_set: list[str] | None = None   # fixed from the full train split, before any subsampling
 
     @property
     def labels(self) -> list[str]:
-        """Sorted label set, taken from the train split (the answer space of this task)."""
+        """Sorted label set of the train split (the answer space of this task)."""
+        if self.label_set is not None:
+            return self.label_set
         return sorted({ex.output for ex in self.splits["train"]})
 
     def split(self, name: str) -> list[Example]:
@@ -85,7 +88,10 @@ def _split_file(root: Path, split: str, task: str) -> Path:
 
 def read_records(path: Path) -> list[dict]:
     """Read a JSON list or a JSONL file of records, with errors naming file and record."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -129,6 +135,8 @@ def load_task(root: Path, name: str, splits: tuple[str, ...] = ("train", "test")
     for split in splits:
         path = _split_file(root, split, name)
         task.splits[split] = parse_examples(name, path, read_records(path))
+    if "train" in task.splits:
+        task.label_set = sorted({ex.output for ex in task.splits["train"]})
     return task
 
 
@@ -143,7 +151,11 @@ def load_orders(root: Path) -> dict[int, list[str]]:
     path = root / "orders.json"
     if not path.is_file():
         raise DataError(f"no task orders at {path}")
-    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    try:
+        orders = json.loads(path.read_text(encoding="utf-8"))
+        return {int(k): list(v) for k, v in orders.items()}
+    except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as err:
+        raise DataError(f"{path}: expected {{\"1\": [task, ...], ...}} ({err})") from err
 
 
 def resolve_task_names(root: Path, benchmark: str = "standard", order: int = 1,
@@ -222,8 +234,9 @@ def load_benchmark(root: Path, names: list[str], train_size: int | None = None,
 class ReplayMemory:
     """Class-balanced random sample of every finished task (paper: int(0.02 * N) examples).
 
-    Per task: ``max(1, int(fraction * N))`` examples, drawn ``n // classes`` per label (or all of a
-    smaller label), the remainder filled at random from what is left. Deterministic in (seed, task).
+    Per task: ``max(1, int(fraction * N))`` examples; labels (in random order) take one example each
+    per pass until the budget is spent, so label counts differ by at most one (a label with too few
+    examples gives all it has). Deterministic in (seed, task).
     """
 
     def __init__(self, fraction: float = 0.02, seed: int = 42):
@@ -234,21 +247,21 @@ class ReplayMemory:
         self.by_task: dict[str, list[Example]] = {}
 
     def add(self, task: str, examples: list[Example]) -> list[Example]:
+        """Store a class-balanced sample of ``examples``: labels take turns, in random order."""
+        if not examples:
+            raise DataError(f"task {task!r}: no examples to store in the replay memory")
         n = max(1, int(self.fraction * len(examples)))
         rng = random.Random(f"{self.seed}:{task}")
         by_label: dict[str, list[int]] = defaultdict(list)
         for i, ex in enumerate(examples):
             by_label[ex.output].append(i)
-        per_label = max(1, n // len(by_label))
-        labels = sorted(by_label)
-        rng.shuffle(labels)  # when n < #labels, which labels get a slot is random, not alphabetical
+        queues = [rng.sample(idx, len(idx)) for _, idx in sorted(by_label.items())]
+        rng.shuffle(queues)  # when n < #labels, which labels get a slot is random, not alphabetical
         chosen: list[int] = []
-        for label in labels:
-            idx = by_label[label]
-            chosen.extend(rng.sample(idx, min(per_label, len(idx))))
-        chosen = chosen[:n]
-        rest = sorted(set(range(len(examples))) - set(chosen))
-        chosen.extend(rng.sample(rest, n - len(chosen)))
+        while len(chosen) < n:          # one per label per pass: counts differ by at most one
+            for queue in queues:
+                if queue and len(chosen) < n:
+                    chosen.append(queue.pop())
         self.by_task[task] = [examples[i] for i in chosen]
         return self.by_task[task]
 

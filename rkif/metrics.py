@@ -18,6 +18,8 @@ def exact_match(prediction: str, label: str) -> bool:
 
 def overall_performance(acc: Matrix) -> float:
     """OP = mean_i a[i][K], the mean accuracy after the last stage (Eq. 10)."""
+    if not acc:
+        raise ValueError("empty accuracy matrix")
     return sum(row[-1] for row in acc) / len(acc)
 
 
@@ -41,6 +43,8 @@ def forward_transfer(acc: Matrix, initial: Sequence[float]) -> float | None:
     k = len(acc)
     if k < 2 or any(len(row) != k for row in acc):
         return None
+    if len(initial) != k:
+        raise ValueError(f"initial accuracy has {len(initial)} entries for {k} tasks")
     return sum(acc[i][i - 1] - initial[i] for i in range(1, k)) / (k - 1)
 
 
