@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from rkif import io
 from rkif.backbones import BackboneConfig
 from rkif.config import RunConfig
+from rkif.methods import parse_options, resolve
 from rkif.report import grid_report
 
 if sys.version_info >= (3, 11):
@@ -41,6 +42,7 @@ else:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone", "method_options"}
+RESERVED_RUN_KEYS = {"method", "method_options", "backbone", "order", "seed", "benchmark", "tasks", "resume", "output"}
 
 
 def load_grid(path: Path) -> dict:
@@ -55,10 +57,31 @@ def load_grid(path: Path) -> dict:
     for key in ("name", "methods", "orders"):
         if key not in grid:
             raise ValueError(f"{path}: missing {key!r}")
-    for section, cls in (("run", RunConfig), ("backbone", BackboneConfig)):
-        bad = set(grid.get(section, {})) - {f.name for f in fields(cls)}
+    for key, kind in (("methods", str), ("orders", int), ("seeds", int)):
+        value = grid.get(key, [42])
+        if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
+            raise ValueError(f"{path}: {key!r} must be a non-empty list of {kind.__name__}")
+    for section, cls in (("run", RunConfig), ("backbone", BackboneConfig), ("method_options", None)):
+        table = grid.get(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: [{section}] must be a table")
+        if cls is None:
+            continue
+        bad = set(table) - {f.name for f in fields(cls)}
         if bad:
             raise ValueError(f"{path}: [{section}] has unknown field(s) {sorted(bad)}")
+    reserved = set(grid.get("run", {})) & RESERVED_RUN_KEYS
+    if reserved:
+        raise ValueError(f"{path}: [run] may not set {sorted(reserved)}: the grid sets them (top-level keys)")
+    stray = set(grid.get("method_options", {})) - set(grid["methods"])
+    if stray:
+        raise ValueError(f"{path}: [method_options] for methods not in the grid: {sorted(stray)}")
+    for method in grid["methods"]:             # fail now, not hours into the grid
+        try:
+            cls_, options = resolve(method, grid.get("method_options", {}).get(method, {}))
+            parse_options(cls_.config_class, options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: method {method!r}: {err}") from err
     return grid
 
 
@@ -84,8 +107,11 @@ def is_finished(run: RunConfig) -> bool:
     return path.exists() and io.read_json(path).get("complete", False)
 
 
-def bench(config_path: Path, out: Path | None = None, data: str | None = None) -> str:
-    """Run every unfinished run of the grid, then write the table and plots; returns the table."""
+def bench(config_path: Path, out: Path | None = None, data: str | None = None) -> tuple[str, list[str]]:
+    """Run every unfinished run of the grid, then write the table and plots.
+
+    Returns the markdown table and the output folders of the runs that failed.
+    """
     from rkif.runner import run_experiment
 
     grid = load_grid(config_path)
@@ -105,4 +131,4 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None) -
     table = grid_report(out, [r for r in runs if is_finished(r)], grid.get("benchmark", "standard"))
     if failed:
         table += "\n\nFailed runs (see the log): " + ", ".join(failed)
-    return table
+    return table, failed

@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(config_from_args(args))
         if args.command == "bench":
             from rkif.bench import bench
-            print(bench(Path(args.config), Path(args.out) if args.out else None, args.data))
-            return 0
+            table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data)
+            print(table)
+            return 1 if failed else 0
         if args.command == "report":
             from rkif.report import report
             print(report([Path(d) for d in args.dirs], Path(args.out) if args.out else None))

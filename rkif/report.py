@@ -168,7 +168,7 @@ def grid_table(results: list[dict], benchmark: str) -> str:
         minutes = sum(r["seconds"] for r in rs) / len(rs) / 60
         lines.append(f"| {m} | {len(rs)} ({orders}) | {_mean_std([r['op'] for r in rs])} | "
                      f"{_mean_std([r['bwt'] for r in rs])} | {_mean_std([r['fwt'] for r in rs])} | {minutes:.1f} | "
-                     f"{_paper(op)} | {_paper(bwt)} | {f'{ab[0]} / {ab[1]}' if ab else '-'} |")
+                     f"{_paper(op)} | {_paper(bwt)} | {f'{_paper(ab[0])} / {_paper(ab[1])}' if ab else '-'} |")
     return "\n".join(lines)
 
 
