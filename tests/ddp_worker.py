@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from rkif.config import RunConfig  # noqa: E402
@@ -33,6 +34,9 @@ def main(out: str, batch_size: int) -> None:
     rank = os.environ.get("RANK", "0")
     save_file({n: p.detach().contiguous() for n, p in backbone.trainable_parameters().items()},
               os.path.join(out, f"rank{rank}.safetensors"))
+    if torch.distributed.is_initialized():      # a clean exit: gloo aborts at teardown otherwise
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
