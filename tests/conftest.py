@@ -89,3 +89,36 @@ def toy_examples(task: str, n: int, seed: int) -> list[Example]:
     y = (x[:, 0] + 2 * x[:, 1] - x[:, 2] > 0).long() + (x[:, 3] > 1).long()
     return [Example(task, " ".join(f"{v:.4f}" for v in row.tolist()), ToyBackbone.LABELS[int(c)])
             for row, c in zip(x, y)]
+
+
+def train_sequence(backbone, method, run, tasks, workdir) -> None:
+    """Each task through before_task -> train_stage -> after_task, as the runner does (no evaluation)."""
+    from rkif.training import train_stage
+
+    for stage, task in enumerate(tasks):
+        data = method.before_task(stage, [task], task.split("train"))
+        train_stage(backbone, data, method, run, stage, str(workdir))
+        method.after_task(stage, [task], task.split("train"))
+
+
+def cut_and_resume(monkeypatch, make_config, crash_at_stage: int) -> tuple[dict, dict]:
+    """Run ``make_config()`` until training of stage ``crash_at_stage`` starts, then resume it.
+
+    Returns the results.json left by the cut run and the resumed run's results.
+    """
+    from rkif import runner
+
+    real, calls = runner.train_stage, []
+
+    def crash(*args, **kw):
+        calls.append(1)
+        if len(calls) == crash_at_stage + 1:
+            raise KeyboardInterrupt("stopped mid-sequence")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "train_stage", crash)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(make_config())
+    partial = json.loads((Path(make_config().output) / "results.json").read_text())
+    monkeypatch.setattr(runner, "train_stage", real)
+    return partial, runner.run_experiment(make_config(resume=True))

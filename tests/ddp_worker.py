@@ -17,8 +17,7 @@ from rkif.config import RunConfig  # noqa: E402
 from rkif.data import Task  # noqa: E402
 from rkif.methods import resolve  # noqa: E402
 from rkif.methods.base import parse_options  # noqa: E402
-from rkif.training import train_stage  # noqa: E402
-from tests.conftest import ToyBackbone, toy_examples  # noqa: E402
+from tests.conftest import ToyBackbone, toy_examples, train_sequence  # noqa: E402
 
 
 def main(out: str, batch_size: int) -> None:
@@ -27,10 +26,7 @@ def main(out: str, batch_size: int) -> None:
     cls, opts = resolve("rkif", {"inner_steps": 2, "outer_steps": 2, "outer_batch_size": 8})
     method = cls(parse_options(cls.config_class, opts), backbone, run)
     tasks = [Task("A", {"train": toy_examples("A", 16, 1)}), Task("B", {"train": toy_examples("B", 16, 2)})]
-    for stage, task in enumerate(tasks):
-        data = method.before_task(stage, [task], task.split("train"))
-        train_stage(backbone, data, method, run, stage, os.path.join(out, "trainer"))
-        method.after_task(stage, [task], task.split("train"))
+    train_sequence(backbone, method, run, tasks, os.path.join(out, "trainer"))
     rank = os.environ.get("RANK", "0")
     save_file({n: p.detach().contiguous() for n, p in backbone.trainable_parameters().items()},
               os.path.join(out, f"rank{rank}.safetensors"))

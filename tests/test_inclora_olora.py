@@ -274,6 +274,7 @@ def test_runner_resumes_olora_mid_sequence(tiny_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from rkif import runner
+    from tests.conftest import cut_and_resume
     from tests.test_runner import config
 
     def cfg(name, **kw):
@@ -282,19 +283,7 @@ def test_runner_resumes_olora_mid_sequence(tiny_data, tmp_path, monkeypatch):
     full = runner.run_experiment(cfg("full"))
     saved = json.loads((tmp_path / "full" / "checkpoints" / "stage_1" / "method.json").read_text())
     assert saved == {"adapters": ["default", "task_1"]} and full["diagnostics"] == saved
-    real, calls = runner.train_stage, []
-
-    def crash_on_second_stage(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("stopped mid-sequence")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(runner, "train_stage", crash_on_second_stage)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(cfg("cut"))
-    monkeypatch.setattr(runner, "train_stage", real)
-    resumed = runner.run_experiment(cfg("cut", resume=True))
+    _, resumed = cut_and_resume(monkeypatch, lambda **kw: cfg("cut", **kw), 1)
     assert resumed["accuracy"] == full["accuracy"]
     weights = [load_file(tmp_path / name / "checkpoints" / "stage_1" / "adapter.safetensors")
                for name in ("full", "cut")]

@@ -13,6 +13,7 @@ from rkif.backbones import BackboneConfig, build_backbone
 from rkif.config import RunConfig
 from rkif.data import Example, Task
 from rkif.methods import parse_options, resolve
+from tests.conftest import cut_and_resume
 
 TASKS = [Task(name, {"train": [Example(name, "x", "y")]}) for name in ("a", "b", "c")]
 
@@ -154,20 +155,8 @@ def test_osf_trains_through_the_runner_and_resumes_after_a_merge(tiny_data, tmp_
     assert not load_file(ckpt / "stage_0" / "method.safetensors")       # no merge yet: pretrained weights
     assert len(load_file(ckpt / "stage_1" / "method.safetensors")) == 12
 
-    real_train, calls = runner.train_stage, []
-
-    def crash_on_third_stage(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("stopped mid-sequence")
-        return real_train(*args, **kw)
-
-    monkeypatch.setattr(runner, "train_stage", crash_on_third_stage)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(_run_config(tiny_data, tmp_path / "cut"))
-    assert json.loads((tmp_path / "cut" / "results.json").read_text())["finished_stages"] == 2
-    monkeypatch.setattr(runner, "train_stage", real_train)
-    resumed = runner.run_experiment(_run_config(tiny_data, tmp_path / "cut", resume=True))
+    partial, resumed = cut_and_resume(monkeypatch, lambda **kw: _run_config(tiny_data, tmp_path / "cut", **kw), 2)
+    assert partial["finished_stages"] == 2
     assert resumed["accuracy"] == full["accuracy"] and resumed["diagnostics"] == full["diagnostics"]
     for part in ("adapter", "method"):
         a = load_file(ckpt / "stage_2" / f"{part}.safetensors")

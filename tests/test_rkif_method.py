@@ -7,8 +7,7 @@ from rkif.config import RunConfig
 from rkif.data import Task
 from rkif.methods import resolve
 from rkif.methods.base import parse_options
-from rkif.training import train_stage
-from tests.conftest import ToyBackbone, toy_examples
+from tests.conftest import ToyBackbone, toy_examples, train_sequence
 
 EPOCHS = 10          # full-batch: one optimizer step per epoch
 LR, OUTER_LR, CLIP = 0.05, 0.03, 1.0
@@ -30,10 +29,7 @@ def run_rkif(tmp_path, method="rkif", run_options=None, **options):
     run = _run_config(**(run_options or {}))
     cls, opts = resolve(method, {"inner_steps": 3, "outer_steps": 2, "outer_lr": OUTER_LR, **options})
     m = cls(parse_options(cls.config_class, opts), backbone, run)
-    for stage, task in enumerate(_tasks()):
-        data = m.before_task(stage, [task], task.split("train"))
-        train_stage(backbone, data, m, run, stage, str(tmp_path / "trainer"))
-        m.after_task(stage, [task], task.split("train"))
+    train_sequence(backbone, m, run, _tasks(), tmp_path / "trainer")
     return {n: p.detach().clone() for n, p in backbone.trainable_parameters().items()}, m
 
 

@@ -9,6 +9,7 @@ from rkif import runner
 from rkif.backbones import BackboneConfig
 from rkif.cli import main
 from rkif.config import RunConfig
+from tests.conftest import cut_and_resume
 
 
 def config(data, out, method="rkif", **kw) -> RunConfig:
@@ -43,21 +44,8 @@ def test_mtl_trains_one_stage(tiny_data, tmp_path):
 def test_resume_after_a_crash_gives_the_same_matrix(tiny_data, tmp_path, monkeypatch):
     full = runner.run_experiment(config(tiny_data, tmp_path / "full"))
 
-    real, calls = runner.train_stage, []
-
-    def crash_on_second_stage(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("stopped mid-sequence")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(runner, "train_stage", crash_on_second_stage)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(config(tiny_data, tmp_path / "cut"))
-    partial = json.loads((tmp_path / "cut" / "results.json").read_text())
+    partial, resumed = cut_and_resume(monkeypatch, lambda **kw: config(tiny_data, tmp_path / "cut", **kw), 1)
     assert partial["finished_stages"] == 1 and not partial["complete"]
-    monkeypatch.setattr(runner, "train_stage", real)
-    resumed = runner.run_experiment(config(tiny_data, tmp_path / "cut", resume=True))
     assert resumed["accuracy"] == full["accuracy"]
     assert resumed["initial_accuracy"] == full["initial_accuracy"]
     assert resumed["diagnostics"]["rounds"] == full["diagnostics"]["rounds"]

@@ -9,7 +9,7 @@ from rkif.data import ReplayMemory, Task
 from rkif.methods import resolve
 from rkif.methods.base import parse_options
 from rkif.training import train_stage
-from tests.conftest import ToyBackbone, toy_examples
+from tests.conftest import ToyBackbone, toy_examples, train_sequence
 
 EPOCHS, LR, INNER_LR, CLIP, SEED = 4, 0.05, 0.3, 1.0, 3
 
@@ -30,10 +30,7 @@ def run_vrmcl(tmp_path, run_options=None, **options):
     run = _run_config(**(run_options or {}))
     cls, opts = resolve("vrmcl", {"inner_lr": INNER_LR, **options})
     m = cls(parse_options(cls.config_class, opts), backbone, run)
-    for stage, task in enumerate(_tasks()):
-        data = m.before_task(stage, [task], task.split("train"))
-        train_stage(backbone, data, m, run, stage, str(tmp_path / "trainer"))
-        m.after_task(stage, [task], task.split("train"))
+    train_sequence(backbone, m, run, _tasks(), tmp_path / "trainer")
     return {n: p.detach().clone() for n, p in backbone.trainable_parameters().items()}, m
 
 
