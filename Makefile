@@ -25,7 +25,7 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 bench: $(VENV)/.installed
-	bash benchmarks/harness.sh
+	$(VENV)/bin/rkif bench benchmarks/standard.toml
 
 clean:
 	rm -rf $(VENV) runs

@@ -107,8 +107,9 @@ def is_finished(run: RunConfig) -> bool:
     return path.exists() and io.read_json(path).get("complete", False)
 
 
-def bench(config_path: Path, out: Path | None = None, data: str | None = None) -> tuple[str, list[str]]:
-    """Run every unfinished run of the grid, then write the table and plots.
+def bench(config_path: Path, out: Path | None = None, data: str | None = None,
+          report_only: bool = False) -> tuple[str, list[str]]:
+    """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots.
 
     Returns the markdown table and the output folders of the runs that failed.
     """
@@ -117,8 +118,9 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None) -
     grid = load_grid(config_path)
     out = out or Path("benchmarks/results") / grid["name"]
     runs = grid_runs(grid, out, data)
-    todo = [r for r in runs if not is_finished(r)]
-    logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), len(runs) - len(todo), len(todo))
+    todo = [] if report_only else [r for r in runs if not is_finished(r)]
+    done = sum(is_finished(r) for r in runs)
+    logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), done, len(todo))
     failed = []
     for run in tqdm(todo, desc=f"grid {grid['name']}", unit="run"):
         logger.info("run %s order %d seed %d -> %s", run.method, run.order, run.seed, run.output)
@@ -128,7 +130,10 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None) -
             failed.append(run.output)
             logger.error("run %s failed:\n%s", run.output, traceback.format_exc())
     io.write_json(out / "grid.json", {**grid, "config_file": str(config_path)})
-    table = grid_report(out, [r for r in runs if is_finished(r)], grid.get("benchmark", "standard"))
+    finished = [r for r in runs if is_finished(r)]
+    table = grid_report(out, finished, grid.get("benchmark", "standard"))
+    if len(finished) < len(runs):
+        table += f"\n\n{len(finished)} of {len(runs)} runs finished; `rkif bench {config_path}` resumes the rest."
     if failed:
         table += "\n\nFailed runs (see the log): " + ", ".join(failed)
     return table, failed

@@ -171,3 +171,14 @@ def test_cli_bench_rejects_a_bad_grid_naming_it(tmp_path, caplog):
     path = write(tmp_path / "grid.toml", 'name = "g"\nmethods = ["seqlora"]\norders = [1]\ncolour = "red"\n')
     assert main(["bench", str(path)]) == 2
     assert str(path) in caplog.text and "colour" in caplog.text
+
+
+def test_report_only_runs_nothing_and_counts_what_is_left(tiny_root, tmp_path, monkeypatch):
+    config = write(tmp_path / "tiny.toml", TINY_GRID)
+
+    def must_not_run(run):
+        raise AssertionError("report-only ran an experiment")
+
+    monkeypatch.setattr(runner, "run_experiment", must_not_run)
+    table, failed = bench(config, tmp_path / "out", str(tiny_root), report_only=True)
+    assert not failed and "0 of 2 runs finished" in table and (tmp_path / "out" / "table.md").exists()
