@@ -47,4 +47,8 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path)) if Path(path).exists() else {}
+    """Load a safetensors file; a missing file is an error (never silently an empty state)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found (needed to resume; delete the run's "
+                                "results.json to start it over)")
+    return load_file(str(path))

@@ -85,3 +85,14 @@ def test_cli_errors_name_the_fault(tiny_data, tmp_path, caplog):
     assert main(["run", "--method", "magic", "--data", str(tiny_data), "--tasks", "alpha",
                  "--output", str(tmp_path / "y")]) == 2
     assert "magic" in caplog.text
+
+
+def test_resume_without_its_checkpoint_fails_clearly(tiny_data, tmp_path, monkeypatch):
+    """A results.json whose checkpoint is gone (e.g. committed without it) must not resume silently."""
+    cut, _ = cut_and_resume(monkeypatch, lambda **kw: config(tiny_data, tmp_path / "cut", method="replay", **kw), 1)
+    (tmp_path / "cut" / "results.json").write_text(json.dumps(cut))          # back to the cut state
+    (tmp_path / "cut" / "checkpoints" / "stage_0" / "adapter.safetensors").unlink()
+    before = (tmp_path / "cut" / "results.json").read_text()
+    with pytest.raises(FileNotFoundError, match="adapter.safetensors"):
+        runner.run_experiment(config(tiny_data, tmp_path / "cut", method="replay", resume=True))
+    assert (tmp_path / "cut" / "results.json").read_text() == before
