@@ -122,3 +122,10 @@ def cut_and_resume(monkeypatch, make_config, crash_at_stage: int) -> tuple[dict,
     partial = json.loads((Path(make_config().output) / "results.json").read_text())
     monkeypatch.setattr(runner, "train_stage", real)
     return partial, runner.run_experiment(make_config(resume=True))
+
+
+def toy_loss(params: dict[str, torch.Tensor], examples: list[Example]) -> torch.Tensor:
+    """The ToyBackbone's loss as a plain function of its parameters (for hand transcriptions)."""
+    batch = ToyBackbone.collate(None, examples)
+    logits = batch["x"] @ params["model.lora_w"].T + params["model.lora_b"]
+    return nn.functional.cross_entropy(logits, batch["labels"])

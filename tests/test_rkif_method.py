@@ -7,7 +7,7 @@ from rkif.config import RunConfig
 from rkif.data import Task
 from rkif.methods import resolve
 from rkif.methods.base import parse_options
-from tests.conftest import ToyBackbone, toy_examples, train_sequence
+from tests.conftest import ToyBackbone, toy_examples, toy_loss, train_sequence
 
 EPOCHS = 10          # full-batch: one optimizer step per epoch
 LR, OUTER_LR, CLIP = 0.05, 0.03, 1.0
@@ -33,10 +33,7 @@ def run_rkif(tmp_path, method="rkif", run_options=None, **options):
     return {n: p.detach().clone() for n, p in backbone.trainable_parameters().items()}, m
 
 
-def _loss(params, examples):
-    batch = ToyBackbone.collate(None, examples)
-    logits = batch["x"] @ params["model.lora_w"].T + params["model.lora_b"]
-    return torch.nn.functional.cross_entropy(logits, batch["labels"])
+_loss = toy_loss
 
 
 def _step(params, opt, examples):

@@ -9,7 +9,7 @@ from rkif.data import ReplayMemory, Task
 from rkif.methods import resolve
 from rkif.methods.base import parse_options
 from rkif.training import train_stage
-from tests.conftest import ToyBackbone, toy_examples, train_sequence
+from tests.conftest import ToyBackbone, toy_examples, toy_loss, train_sequence
 
 EPOCHS, LR, INNER_LR, CLIP, SEED = 4, 0.05, 0.3, 1.0, 3
 
@@ -34,10 +34,7 @@ def run_vrmcl(tmp_path, run_options=None, **options):
     return {n: p.detach().clone() for n, p in backbone.trainable_parameters().items()}, m
 
 
-def _loss(params, examples):
-    batch = ToyBackbone.collate(None, examples)
-    logits = batch["x"] @ params["model.lora_w"].T + params["model.lora_b"]
-    return torch.nn.functional.cross_entropy(logits, batch["labels"])
+_loss = toy_loss
 
 
 def _grad(params, loss):
