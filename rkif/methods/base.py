@@ -62,6 +62,14 @@ def parse_options(config_cls: type, options: dict[str, Any]) -> Any:
     return config_cls(**values)
 
 
+def check_choices(method: str, config: Any, choices: dict[str, tuple]) -> None:
+    """Refuse a string option outside its allowed values, naming the method and the option."""
+    for field_name, allowed in choices.items():
+        value = getattr(config, field_name)
+        if value not in allowed:
+            raise ValueError(f"{method} option {field_name}={value!r}: choose from {tuple(allowed)}")
+
+
 class Method:
     """Base class of every continual-learning method (see the module docstring for the hooks)."""
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig
+from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ class EWC(Method):
 
     def __init__(self, config: EWCConfig, backbone, run):
         super().__init__(config, backbone, run)
-        if config.fisher_loss not in ("sum", "mean"):
-            raise ValueError(f"ewc option fisher_loss={config.fisher_loss!r}: choose from ('sum', 'mean')")
+        check_choices(self.name, config, {"fisher_loss": ("sum", "mean")})
         if config.ewc_lambda < 0 or config.gamma < 0:
             raise ValueError("ewc options ewc_lambda and gamma must be >= 0")
         self.params = backbone.trainable_parameters()

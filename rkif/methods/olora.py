@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rkif.methods.base import check_choices
 from rkif.methods.inclora import IncLoRA, IncLoRAConfig
 from rkif.methods.registry import register
 
@@ -78,8 +79,7 @@ class OLoRA(IncLoRA):
     config_class = OLoRAConfig
 
     def __init__(self, config: OLoRAConfig, backbone, run):
-        if config.orth_form not in ORTH_FORMS:
-            raise ValueError(f"orth_form must be one of {ORTH_FORMS}, got {config.orth_form!r}")
+        check_choices(self.name, config, {"orth_form": ORTH_FORMS})
         super().__init__(config, backbone, run)
         self._bank: dict[str, torch.Tensor] | None = None
 

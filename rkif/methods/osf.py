@@ -53,7 +53,7 @@ from peft import OSFConfig, get_peft_model
 from peft.tuners.osf import OSFLayer
 
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig
+from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ class OSFMethodConfig(MethodConfig):
 
 def check_config(config: OSFMethodConfig) -> None:
     """Refuse options outside their range, naming the option."""
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"osf option schedule={config.schedule!r}: choose from {list(SCHEDULES)}")
+    check_choices("osf", config, {"schedule": tuple(SCHEDULES)})
     if not 0.0 <= config.first_fraction < 1.0:
         raise ValueError(f"osf option first_fraction={config.first_fraction}: expected 0 <= f0 < 1")
     if config.lr < 0:

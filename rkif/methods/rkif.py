@@ -39,7 +39,7 @@ from rkif.data import Example, Task
 from rkif.kif import fusion
 from rkif.kif.importance import MeanImportance, make_tracker, outer_ema, step_scores
 from rkif.kif.masks import binary_masks
-from rkif.methods.base import MemoryMethod, MethodConfig
+from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
 from rkif.methods.registry import register, register_preset
 
 
@@ -75,13 +75,11 @@ class RecurrentKIF(MemoryMethod):
 
     def __init__(self, config: RKIFConfig, backbone, run):
         super().__init__(config, backbone, run)
-        for field_name, allowed in (("fusion", ("mask", "sum", "global", "adaptive", "release")),
-                                    ("outer_optimizer", ("adamw", "sgd", "shared")),
-                                    ("outer_smoothing", ("eq7", "none", "running")),
-                                    ("importance_weights", ("pre_step", "post_step")),
-                                    ("rounds", ("multi", "single")), ("partial_round", ("fuse", "keep"))):
-            if getattr(config, field_name) not in allowed:
-                raise ValueError(f"rkif option {field_name}={getattr(config, field_name)!r}: choose from {allowed}")
+        check_choices(self.name, config, {"fusion": ("mask", "sum", "global", "adaptive", "release"),
+                                          "outer_optimizer": ("adamw", "sgd", "shared"),
+                                          "outer_smoothing": ("eq7", "none", "running"),
+                                          "importance_weights": ("pre_step", "post_step"),
+                                          "rounds": ("multi", "single"), "partial_round": ("fuse", "keep")})
         self.rounds_log: list[dict] = []
         self.active = False
         self.stage = 0

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig
+from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register, register_preset
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,8 @@ class TaSL(Method):
 
     def __init__(self, config: TaSLConfig, backbone, run):
         super().__init__(config, backbone, run)
-        for field_name, allowed in (("score", ("first_order", "param_mix")), ("units", ("matrix", "rank1")),
-                                    ("rule", ("hard", "soft"))):
-            if getattr(config, field_name) not in allowed:
-                raise ValueError(f"tasl option {field_name}={getattr(config, field_name)!r}: choose from {allowed}")
+        check_choices(self.name, config, {"score": ("first_order", "param_mix"), "units": ("matrix", "rank1"),
+                                          "rule": ("hard", "soft")})
         self.params = backbone.trainable_parameters()
         self.units = SkillUnits(self._shapes(), config.units)
         self.accumulated: torch.Tensor | None = None       # Ihat_{<k}, one value per unit

@@ -50,7 +50,7 @@ import torch
 from torch.func import functional_call
 
 from rkif.data import Example, Task
-from rkif.methods.base import MemoryMethod, MethodConfig
+from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ class VRMCL(MemoryMethod):
 
     def __init__(self, config: VRMCLConfig, backbone, run):
         super().__init__(config, backbone, run)
-        if config.meta_loss not in ("mean", "last"):
-            raise ValueError(f"vrmcl option meta_loss={config.meta_loss!r}: choose from ('mean', 'last')")
+        check_choices(self.name, config, {"meta_loss": ("mean", "last")})
         if config.inner_steps < 1 or not 0.0 <= config.r < 1.0:
             raise ValueError(f"vrmcl: inner_steps >= 1 and 0 <= r < 1 (got {config.inner_steps}, {config.r})")
         self.stage = 0
