@@ -108,17 +108,23 @@ def is_finished(run: RunConfig) -> bool:
 
 
 def bench(config_path: Path, out: Path | None = None, data: str | None = None,
-          report_only: bool = False) -> tuple[str, list[str]]:
+          report_only: bool = False, methods: list[str] | None = None) -> tuple[str, list[str]]:
     """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots.
 
+    ``methods`` restricts the runs to a subset of the grid's methods (e.g. to split a grid between
+    two processes); the table still covers every finished run of the whole grid.
     Returns the markdown table and the output folders of the runs that failed.
     """
     from rkif.runner import run_experiment
 
     grid = load_grid(config_path)
+    unknown = sorted(set(methods or []) - set(grid["methods"]))
+    if unknown:
+        raise ValueError(f"{config_path}: method(s) {unknown} are not in the grid; it has {grid['methods']}")
     out = out or Path("benchmarks/results") / grid["name"]
     runs = grid_runs(grid, out, data)
-    todo = [] if report_only else [r for r in runs if not is_finished(r)]
+    selected = [r for r in runs if methods is None or r.method in methods]
+    todo = [] if report_only else [r for r in selected if not is_finished(r)]
     done = sum(is_finished(r) for r in runs)
     logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), done, len(todo))
     failed = []

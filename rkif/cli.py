@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<name>)")
     bench_p.add_argument("--data", default=None, help="data root (default: the grid's, $RKIF_DATA or ../shared/data)")
     bench_p.add_argument("--report", action="store_true", help="only write the table and plots of finished runs")
+    bench_p.add_argument("--methods", default=None,
+                         help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
     sub.add_parser("methods", help="list the methods and presets")
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(config_from_args(args))
         if args.command == "bench":
             from rkif.bench import bench
-            table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report)
+            only = args.methods.split(",") if args.methods else None
+            table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
+                                  only)
             print(table)
             return 1 if failed else 0
         if args.command == "report":

@@ -56,11 +56,14 @@ class RunConfig:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries a result depends on."""
+    """Versions of the libraries a result depends on, and the CPU threads torch used (timings depend on it)."""
+    import torch
+
     out = {"python": platform.python_version()}
     for pkg in ("rkif", "torch", "transformers", "peft", "accelerate", "safetensors"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
+    out["torch_threads"] = str(torch.get_num_threads())
     return out

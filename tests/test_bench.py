@@ -182,3 +182,15 @@ def test_report_only_runs_nothing_and_counts_what_is_left(tiny_root, tmp_path, m
     monkeypatch.setattr(runner, "run_experiment", must_not_run)
     table, failed = bench(config, tmp_path / "out", str(tiny_root), report_only=True)
     assert not failed and "0 of 2 runs finished" in table and (tmp_path / "out" / "table.md").exists()
+
+
+def test_methods_subset_runs_only_those_and_rejects_strangers(tiny_root, tmp_path, monkeypatch, caplog):
+    config = write(tmp_path / "tiny.toml", TINY_GRID)
+    ran = []
+    monkeypatch.setattr(runner, "run_experiment", lambda run: ran.append(run.method))
+    table, failed = bench(config, tmp_path / "out", str(tiny_root), methods=["replay"])
+    assert ran == ["replay"] and not failed and "0 of 2 runs finished" in table
+    with pytest.raises(ValueError, match=r"\['ewc'\] are not in the grid"):
+        bench(config, tmp_path / "out", str(tiny_root), methods=["replay", "ewc"])
+    assert main(["bench", str(config), "--out", str(tmp_path / "out"), "--methods", "seqlora,magic"]) == 2
+    assert "magic" in caplog.text and ran == ["replay"]
