@@ -73,6 +73,22 @@ def choose(results: dict[str, dict]) -> float:
     return -max(candidates)[1]
 
 
+def reusable_results(path: Path, settings: dict) -> dict[str, dict]:
+    """Results of an earlier selection at ``path`` made with the same settings (any lambdas), else {}.
+
+    So a grid can be extended (e.g. when the best lambda lies on its edge) or resumed without
+    retraining the lambdas already measured; every lambda's numbers stay in one file.
+    """
+    if not path.exists():
+        return {}
+    earlier = io.read_json(path)
+    same = {k: v for k, v in earlier.get("settings", {}).items() if k != "lambdas"}
+    if same != {k: v for k, v in settings.items() if k != "lambdas"}:
+        logger.warning("%s was made with other settings; it will be replaced", path)
+        return {}
+    return dict(earlier["results"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="../shared/data")
@@ -103,9 +119,12 @@ def main() -> None:
     full = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed)
     tasks = split_train(full, a.held_out)
     options = {"normalize_fisher": a.normalize_fisher, "fisher_samples": a.fisher_samples}
-    results: dict[str, dict] = {}
+    results = reusable_results(Path(a.out), vars(a))
     with tempfile.TemporaryDirectory() as tmp:
         for lam in (float(x) for x in a.lambdas.split(",")):
+            if f"{lam:g}" in results:
+                logger.info("lambda=%g: held-out OP %.4f (from %s)", lam, results[f"{lam:g}"]["op"], a.out)
+                continue
             matrix = run_lambda(lam, tasks, full, run, options, tmp)
             results[f"{lam:g}"] = {"accuracy": matrix, "op": metrics.overall_performance(matrix),
                                    "bwt": metrics.backward_transfer(matrix)}
@@ -115,7 +134,7 @@ def main() -> None:
     report = {"chosen_lambda": chosen, "criterion": "held-out OP (mean accuracy after the last task)",
               "tasks": names, "train_per_task": [len(t.split("train")) for t in tasks],
               "held_out_per_task": [len(t.split(HELD_OUT)) for t in tasks], "options": options,
-              "settings": vars(a), "results": results, "versions": library_versions()}
+              "settings": {**vars(a), "lambdas": ",".join(results)}, "results": results, "versions": library_versions()}
     io.write_json(Path(a.out), report)
     logger.info("chosen lambda = %g (written to %s)", chosen, a.out)
 

@@ -12,9 +12,11 @@ The runner never names a method: everything method-specific happens in the metho
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from transformers import set_seed
@@ -68,7 +70,19 @@ def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
         raise ValueError(f"{path}: cannot resume, settings differ from the saved run: {diff}")
 
 
-def _results(run, tasks, stages, columns, initial, extra) -> dict:
+def _check_method_config(method: Method, previous: dict, path: Path) -> None:
+    """A method default changed since the run started (same options, other values) also forbids resuming."""
+    saved = previous.get("method_config")
+    if saved is None:
+        return
+    now = json.loads(json.dumps(asdict(method.config)))
+    diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+    if diff:
+        raise ValueError(f"{path}: cannot resume, the method's settings differ from the saved run: "
+                         + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff))
+
+
+def _results(run, method_config, tasks, stages, columns, initial, extra) -> dict:
     """results.json: rows = evaluated task, columns = after training stage j."""
     matrix = [[col[i] for col in columns] for i in range(len(tasks))]
     done = len(columns) == len(stages)
@@ -82,7 +96,7 @@ def _results(run, tasks, stages, columns, initial, extra) -> dict:
         "op": summary.get("op"), "bwt": summary.get("bwt"), "fwt": summary.get("fwt"),
         "forgetting": summary.get("forgetting"),
         "finished_stages": len(columns), "complete": done,
-        "config": run.to_dict(), "versions": library_versions(), **extra,
+        "config": run.to_dict(), "method_config": asdict(method_config), "versions": library_versions(), **extra,
     }
 
 
@@ -104,6 +118,7 @@ def run_experiment(run: RunConfig) -> dict:
     columns: list[list[float]] = []
     extra = {"seconds": 0.0, "stage_log": []}
     if previous and previous["finished_stages"] > 0:
+        _check_method_config(method, previous, results_path)
         columns = [list(c) for c in zip(*previous["accuracy"])]
         initial = previous["initial_accuracy"]
         extra = {k: previous[k] for k in ("seconds", "stage_log", "diagnostics") if k in previous}
@@ -139,8 +154,8 @@ def run_experiment(run: RunConfig) -> dict:
             io.write_tensors(ckpt / "adapter.safetensors", backbone.adapter_state())
             io.write_tensors(ckpt / "method.safetensors", tensors)
             io.write_json(ckpt / "method.json", meta)
-            io.write_json(results_path, _results(run, tasks, stages, columns, initial, extra))
-    results = _results(run, tasks, stages, columns, initial, extra)
+            io.write_json(results_path, _results(run, method.config, tasks, stages, columns, initial, extra))
+    results = _results(run, method.config, tasks, stages, columns, initial, extra)
     if is_main_process():
         io.write_json(results_path, results)
     return results

@@ -96,3 +96,20 @@ def test_resume_without_its_checkpoint_fails_clearly(tiny_data, tmp_path, monkey
     with pytest.raises(FileNotFoundError, match="adapter.safetensors"):
         runner.run_experiment(config(tiny_data, tmp_path / "cut", method="replay", resume=True))
     assert (tmp_path / "cut" / "results.json").read_text() == before
+
+
+def test_results_record_the_resolved_method_config_and_a_changed_default_forbids_resuming(tiny_data, tmp_path,
+                                                                                            monkeypatch):
+    import rkif.methods.ewc as ewc
+
+    run = config(tiny_data, tmp_path / "run", method="ewc", tasks=["alpha", "beta"])
+    monkeypatch.setattr(runner, "train_stage", lambda *a, **k: {})          # the bookkeeping is what is tested
+    monkeypatch.setattr(ewc.EWC, "after_task", lambda self, *a: None)
+    first = runner.run_experiment(run)
+    assert first["method_config"]["ewc_lambda"] == ewc.EWCConfig().ewc_lambda
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    saved.update(complete=False, finished_stages=1, accuracy=[row[:1] for row in saved["accuracy"]])
+    saved["method_config"]["ewc_lambda"] = 12345.0           # as if started under another default
+    (tmp_path / "run" / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"ewc_lambda 12345.0 -> "):
+        runner.run_experiment(RunConfig(**{**run.__dict__, "resume": True}))
