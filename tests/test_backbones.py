@@ -90,6 +90,22 @@ def test_encoder_scores_over_all_labels_or_task_options():
     assert set(backbone.predict(EXAMPLES[:4])) <= {"good", "bad"}
 
 
+def test_encoder_predict_embeds_candidates_once_and_answers_as_per_batch_scoring(monkeypatch):
+    backbone = minilm().eval()
+    with torch.no_grad():                    # the reference: every batch embeds the candidates again
+        batch = backbone.collate(EXAMPLES)
+        expected = backbone.logits(batch["input_ids"], batch["attention_mask"], batch["option_mask"]).argmax(-1)
+    calls = []
+    real = backbone.embed
+    monkeypatch.setattr(backbone, "embed", lambda ids, mask: calls.append(len(ids)) or real(ids, mask))
+    backbone.config.eval_batch_size = 5
+    assert backbone.predict(EXAMPLES) == [backbone.candidates[i] for i in expected.tolist()]
+    assert calls == [3, 5, 3] and backbone._frozen_cands is None    # 3 candidates once, then 8 inputs as 5 + 3
+    batch = backbone.collate(EXAMPLES[:2])                    # after predict, training scores embed them again
+    backbone.logits(batch["input_ids"], batch["attention_mask"], batch["option_mask"])
+    assert calls[3:] == [2, 3]
+
+
 def test_minilm_cannot_be_generative():
     from rkif.backbones import build_backbone
     with pytest.raises(ValueError, match="encoder"):
