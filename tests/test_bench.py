@@ -78,7 +78,7 @@ def test_grid_runs_is_methods_x_orders_x_seeds_with_folders_and_options(tmp_path
 
 def _result(method, order, op, bwt, fwt, seconds, seed=42):
     return {"method": method, "order": order, "op": op, "bwt": bwt, "fwt": fwt, "seconds": seconds,
-            "config": {"seed": seed}}
+            "stage_log": [{"train_seconds": seconds / 4}, {"train_seconds": seconds / 4}], "config": {"seed": seed}}
 
 
 def _row(table: str, method: str) -> list[str]:
@@ -94,10 +94,10 @@ def test_grid_table_mean_and_sample_std_with_the_paper_columns():
     assert len(table.splitlines()) == 2 + 3                                  # header, rule, one row per method
     assert "paper OP" in table.splitlines()[0]
     # sample std (n - 1): 40, 50, 60 -> 10.0 (the population std would be 8.2)
-    assert _row(table, "seqlora") == ["seqlora", "3 (1,2,3)", "50.0 ± 10.0", "-20.0 ± 10.0", "-", "2.0",
+    assert _row(table, "seqlora") == ["seqlora", "3 (1,2,3)", "50.0 ± 10.0", "-20.0 ± 10.0", "-", "1.0 / 2.0",
                                       "43.7", "-50.4", "-"]
-    assert _row(table, "rkif-die") == ["rkif-die", "1 (4)", "45.0", "-5.0", "1.0", "0.5", "-", "-", "74.8 / -4.8"]
-    assert _row(table, "mine") == ["mine", "1 (1)", "70.0", "-", "-", "0.1", "-", "-", "-"]
+    assert _row(table, "rkif-die") == ["rkif-die", "1 (4)", "45.0", "-5.0", "1.0", "0.2 / 0.5", "-", "-", "74.8 / -4.8"]
+    assert _row(table, "mine") == ["mine", "1 (1)", "70.0", "-", "-", "0.1 / 0.1", "-", "-", "-"]
     long = grid_table([_result("seqlora", 4, 0.1, -0.7, 0.0, 60), _result("rkif", 4, 0.8, -0.03, 0.0, 60)], "long")
     assert _row(long, "seqlora")[6:8] == ["11.6", "-73.4"] and _row(long, "rkif")[6:] == ["77.8", "-3.6", "77.9 / -3.4"]
     assert _row(grid_table(results[:1], "custom"), "seqlora")[6:8] == ["-", "-"]
