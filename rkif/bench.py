@@ -17,13 +17,21 @@ A grid is a small TOML file::
 Each run lives in ``<out>/runs/<method>/order<o>-seed<s>/``; a finished run is skipped, a
 half-finished one resumes after its last finished task, a failed one is reported and the grid
 goes on. At the end ``table.md`` and the plots are written from every finished run.
+
+Several ``rkif bench`` processes may share one grid (e.g. one per GPU, or ``--methods`` to split
+it): each run is claimed with a lock file (``<run>/.lock``, holding host and pid) and a run locked
+by a live process is left to it; a lock left by a dead process on this host is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import sys
 import traceback
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -107,6 +115,43 @@ def is_finished(run: RunConfig) -> bool:
     return path.exists() and io.read_json(path).get("complete", False)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path) -> Iterator[bool]:
+    """Hold ``run_dir/.lock`` while the block runs; yields False if another live process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.strip().isdigit() and not _alive(int(pid)):
+                logger.warning("%s: taking over the lock of dead process %s", run_dir, pid.strip())
+                lock.unlink(missing_ok=True)
+                continue
+            yield False
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
 def bench(config_path: Path, out: Path | None = None, data: str | None = None,
           report_only: bool = False, methods: list[str] | None = None) -> tuple[str, list[str]]:
     """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots.
@@ -129,12 +174,16 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), done, len(todo))
     failed = []
     for run in tqdm(todo, desc=f"grid {grid['name']}", unit="run"):
-        logger.info("run %s order %d seed %d -> %s", run.method, run.order, run.seed, run.output)
-        try:
-            run_experiment(run)
-        except Exception:  # one failed run must not stop the grid; it is reported below
-            failed.append(run.output)
-            logger.error("run %s failed:\n%s", run.output, traceback.format_exc())
+        with claim(run.output_dir) as mine:
+            if not mine or is_finished(run):     # another process holds it, or finished it meanwhile
+                logger.info("run %s: %s", run.output, "finished" if mine else "locked by another process, left")
+                continue
+            logger.info("run %s order %d seed %d -> %s", run.method, run.order, run.seed, run.output)
+            try:
+                run_experiment(run)
+            except Exception:  # one failed run must not stop the grid; it is reported below
+                failed.append(run.output)
+                logger.error("run %s failed:\n%s", run.output, traceback.format_exc())
     io.write_json(out / "grid.json", {**grid, "config_file": str(config_path)})
     finished = [r for r in runs if is_finished(r)]
     table = grid_report(out, finished, grid.get("benchmark", "standard"))

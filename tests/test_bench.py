@@ -1,6 +1,7 @@
 """``rkif bench``: grid files, the runs of a grid, a tiny grid end to end (resumable), the grid table."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -194,3 +195,24 @@ def test_methods_subset_runs_only_those_and_rejects_strangers(tiny_root, tmp_pat
         bench(config, tmp_path / "out", str(tiny_root), methods=["replay", "ewc"])
     assert main(["bench", str(config), "--out", str(tmp_path / "out"), "--methods", "seqlora,magic"]) == 2
     assert "magic" in caplog.text and ran == ["replay"]
+
+
+def test_a_run_locked_by_a_live_process_is_left_and_a_dead_ones_lock_is_taken_over(tiny_root, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    config = write(tmp_path / "tiny.toml", TINY_GRID)
+    out = tmp_path / "out"
+    ran = []
+    monkeypatch.setattr(runner, "run_experiment", lambda run: ran.append(run.method))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for method, pid in (("seqlora", os.getppid()), ("replay", dead.pid)):   # alive / exited
+        lock = out / "runs" / method / "order1-seed7" / ".lock"
+        lock.parent.mkdir(parents=True)
+        lock.write_text(f"{socket.gethostname()} {pid}")
+    bench(config, out, str(tiny_root))
+    assert ran == ["replay"]
+    assert (out / "runs" / "seqlora" / "order1-seed7" / ".lock").exists()         # not ours: untouched
+    assert not (out / "runs" / "replay" / "order1-seed7" / ".lock").exists()      # ours: released
