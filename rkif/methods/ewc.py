@@ -22,7 +22,7 @@ by default every task's Fisher is divided by its mean over all coordinates befor
 (``normalize_fisher=True``): after one task F has mean 1, lambda is the curvature the penalty puts on
 a coordinate of average Fisher, whatever the model's gradient scale. Each task then counts equally in
 the accumulated F (mean k after k tasks with gamma = 1); raw online EWC would weight tasks by their
-Fisher magnitude. The default lambda = 1 was selected by ``benchmarks/ewc_lambda.py`` on data held
+Fisher magnitude. The default lambda = 1 was selected by ``benchmarks/heldout_select.py`` on data held
 out from the training split, never dev/test (Standard order 1, MiniLM, each task's 500-example
 sample split 400 train / 100 held out, 1 epoch, lr 1e-3; ``benchmarks/results/ewc_lambda.json``):
 held-out OP after the last task was 46.3 / 50.5 / 56.5 / 52.8 / 39.5 / 37.8 for lambda = 0 / 0.1 /

@@ -1,0 +1,47 @@
+"""benchmarks/heldout_select.py: the choice rule and extending a finished selection without retraining."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from rkif import io
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_select.py"
+
+
+@pytest.fixture(scope="module")
+def sel():
+    spec = importlib.util.spec_from_file_location("heldout_select", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_choose_takes_the_best_op_smaller_value_on_ties_and_never_a_reference(sel):
+    results = {"0": {"op": 0.9}, "1": {"op": 0.5}, "10": {"op": 0.6}, "100": {"op": 0.6}}
+    assert sel.choose(results, {"0"}) == 10.0
+    assert sel.choose(results) == 0.0
+    with pytest.raises(ValueError, match="nothing to choose"):
+        sel.choose({"0": {"op": 0.9}}, {"0"})
+
+
+def test_earlier_results_are_reused_only_with_the_same_settings(sel, tmp_path):
+    path = tmp_path / "sel.json"
+    settings = {"method": "ewc", "option": "ewc_lambda", "order": 1, "train_size": 500, "values": "1,10",
+                "out": str(path)}
+    assert sel.reusable_results(path, settings) == {}
+    io.write_json(path, {"settings": settings, "results": {"1": {"op": 0.5}, "10": {"op": 0.4}}})
+    assert sel.reusable_results(path, {**settings, "values": "0,0.1"}) == {"1": {"op": 0.5}, "10": {"op": 0.4}}
+    assert sel.reusable_results(path, {**settings, "train_size": 400}) == {}
+    assert sel.reusable_results(path, {**settings, "method": "osf"}) == {}
+
+
+def test_split_keeps_the_sample_order_and_holds_out_the_tail(sel):
+    from rkif.data import Example, Task
+
+    train = [Example("t", f"x{i}", "a") for i in range(10)]
+    (task,) = sel.split_train([Task("t", {"train": train})], 0.2)
+    assert task.split("train") == train[:8] and task.split(sel.HELD_OUT) == train[8:]
+    with pytest.raises(ValueError, match="task t: 1 training examples"):
+        sel.split_train([Task("t", {"train": train[:1]})], 0.2)
