@@ -60,13 +60,15 @@ def run_value(method: str, options: dict, tasks: list[Task], answer_tasks: list[
     backbone.set_answer_space(answer_tasks)
     learner = cls(config, backbone, run)
     columns = []
-    for j, task in enumerate(tasks):
+    for j, stage in enumerate(learner.stages(tasks)):          # as the runner does
         set_seed(run.seed + j)
-        data = learner.before_task(j, [task], task.split("train"))
+        train = [ex for t in stage for ex in t.split("train")]
+        data = learner.before_task(j, stage, train)
         train_stage(backbone, data, learner, run, j, workdir)
-        learner.after_task(j, [task], task.split("train"))
-        columns.append(evaluate(backbone, tasks, HELD_OUT, f"{label} after {task.name}"))
-        logger.info("%s after %s: %s", label, task.name, [round(a, 3) for a in columns[-1]])
+        learner.after_task(j, stage, train)
+        names = "+".join(t.name for t in stage)
+        columns.append(evaluate(backbone, tasks, HELD_OUT, f"{label} after {names}"))
+        logger.info("%s after %s: %s", label, names, [round(a, 3) for a in columns[-1]])
     return [[col[i] for col in columns] for i in range(len(tasks))]
 
 

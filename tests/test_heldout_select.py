@@ -45,3 +45,17 @@ def test_split_keeps_the_sample_order_and_holds_out_the_tail(sel):
     assert task.split("train") == train[:8] and task.split(sel.HELD_OUT) == train[8:]
     with pytest.raises(ValueError, match="task t: 1 training examples"):
         sel.split_train([Task("t", {"train": train[:1]})], 0.2)
+
+
+def test_a_value_is_trained_through_the_method_stages_as_the_runner_does(sel, tiny_data, tmp_path):
+    """OSF must see stages() before its first task (a crash found in a real selection)."""
+    from rkif.backbones import BackboneConfig
+    from rkif.config import RunConfig
+    from rkif.data import load_benchmark
+
+    full = load_benchmark(tiny_data, ["alpha", "beta"], None, None, "test", 7)
+    tasks = sel.split_train(full, 0.25)
+    run = RunConfig(method="osf", backbone=BackboneConfig(max_length=32), data=str(tiny_data),
+                    tasks=["alpha", "beta"], epochs=1, batch_size=8, seed=7)
+    matrix = sel.run_value("osf", {"lr": 1e-4}, tasks, full, run, str(tmp_path), "lr=1e-4")
+    assert len(matrix) == 2 and all(len(row) == 2 and all(0.0 <= a <= 1.0 for a in row) for row in matrix)
