@@ -153,11 +153,12 @@ def claim(run_dir: Path) -> Iterator[bool]:
 
 
 def bench(config_path: Path, out: Path | None = None, data: str | None = None,
-          report_only: bool = False, methods: list[str] | None = None) -> tuple[str, list[str]]:
+          report_only: bool = False, methods: list[str] | None = None,
+          orders: list[int] | None = None) -> tuple[str, list[str]]:
     """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots.
 
-    ``methods`` restricts the runs to a subset of the grid's methods (e.g. to split a grid between
-    two processes); the table still covers every finished run of the whole grid.
+    ``methods`` and ``orders`` restrict the runs to part of the grid (e.g. one order of every
+    method first, or a share for another process); the table still covers every finished run.
     Returns the markdown table and the output folders of the runs that failed.
     """
     from rkif.runner import run_experiment
@@ -166,9 +167,12 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     unknown = sorted(set(methods or []) - set(grid["methods"]))
     if unknown:
         raise ValueError(f"{config_path}: method(s) {unknown} are not in the grid; it has {grid['methods']}")
+    unknown_orders = sorted(set(orders or []) - set(grid["orders"]))
+    if unknown_orders:
+        raise ValueError(f"{config_path}: order(s) {unknown_orders} are not in the grid; it has {grid['orders']}")
     out = out or Path("benchmarks/results") / grid["name"]
     runs = grid_runs(grid, out, data)
-    selected = [r for r in runs if methods is None or r.method in methods]
+    selected = [r for r in runs if (methods is None or r.method in methods) and (orders is None or r.order in orders)]
     todo = [] if report_only else [r for r in selected if not is_finished(r)]
     done = sum(is_finished(r) for r in runs)
     logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), done, len(todo))

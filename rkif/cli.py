@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_p.add_argument("--report", action="store_true", help="only write the table and plots of finished runs")
     bench_p.add_argument("--methods", default=None,
                          help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
+    bench_p.add_argument("--orders", default=None, help="comma-separated subset of the grid's orders to run")
     sub.add_parser("methods", help="list the methods and presets")
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from rkif.bench import bench
             only = args.methods.split(",") if args.methods else None
+            orders = [int(o) for o in args.orders.split(",")] if args.orders else None
             table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
-                                  only)
+                                  only, orders)
             print(table)
             return 1 if failed else 0
         if args.command == "report":

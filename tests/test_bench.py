@@ -195,6 +195,10 @@ def test_methods_subset_runs_only_those_and_rejects_strangers(tiny_root, tmp_pat
         bench(config, tmp_path / "out", str(tiny_root), methods=["replay", "ewc"])
     assert main(["bench", str(config), "--out", str(tmp_path / "out"), "--methods", "seqlora,magic"]) == 2
     assert "magic" in caplog.text and ran == ["replay"]
+    with pytest.raises(ValueError, match=r"order\(s\) \[2\] are not in the grid"):
+        bench(config, tmp_path / "out", str(tiny_root), orders=[2])
+    bench(config, tmp_path / "out", str(tiny_root), orders=[1])
+    assert ran == ["replay", "seqlora", "replay"]
 
 
 def test_a_run_locked_by_a_live_process_is_left_and_a_dead_ones_lock_is_taken_over(tiny_root, tmp_path, monkeypatch):
