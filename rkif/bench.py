@@ -135,7 +135,10 @@ def claim(run_dir: Path) -> Iterator[bool]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
+            try:
+                host, _, pid = lock.read_text().partition(" ")
+            except FileNotFoundError:      # released between our open and our read: try again
+                continue
             if host == socket.gethostname() and pid.strip().isdigit() and not _alive(int(pid)):
                 logger.warning("%s: taking over the lock of dead process %s", run_dir, pid.strip())
                 lock.unlink(missing_ok=True)
