@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rkif import io
 from rkif.config import RunConfig
-from rkif.runner import RESULTS, build
+from rkif.runner import RESULTS, build, load_checkpoint
 
 logger = logging.getLogger("error_analysis")
 
@@ -39,9 +39,7 @@ def analyse(run_dir: Path) -> dict:
     if run.backbone.family != "encoder":
         raise ValueError(f"{run_dir}: only encoder runs score over a shared answer space")
     tasks, backbone, method = build(run)
-    ckpt = run_dir / "checkpoints" / f"stage_{results['finished_stages'] - 1}"
-    method.load_state_dict(io.read_tensors(ckpt / "method.safetensors"), io.read_json(ckpt / "method.json"))
-    backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
+    load_checkpoint(run_dir, results["finished_stages"] - 1, method, backbone)
     owner = Counter(label for t in tasks for label in t.labels)
     rows = {}
     for i, task in enumerate(tasks):

@@ -70,6 +70,14 @@ def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
         raise ValueError(f"{path}: cannot resume, settings differ from the saved run: {diff}")
 
 
+def load_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -> None:
+    """Restore the method state and the adapter weights saved after ``stage`` (0-based) of the run in ``out``."""
+    ckpt = out / "checkpoints" / f"stage_{stage}"
+    # method state first: a method that adds adapters per task recreates them before the weights load
+    method.load_state_dict(io.read_tensors(ckpt / "method.safetensors"), io.read_json(ckpt / "method.json"))
+    backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
+
+
 def _check_method_config(method: Method, previous: dict, path: Path) -> None:
     """A method default changed since the run started (same options, other values) also forbids resuming."""
     saved = previous.get("method_config")
@@ -122,10 +130,7 @@ def run_experiment(run: RunConfig) -> dict:
         columns = [list(c) for c in zip(*previous["accuracy"])]
         initial = previous["initial_accuracy"]
         extra = {k: previous[k] for k in ("seconds", "stage_log", "diagnostics") if k in previous}
-        ckpt = out / "checkpoints" / f"stage_{len(columns) - 1}"
-        # method state first: a method that adds adapters per task recreates them before the weights load
-        method.load_state_dict(io.read_tensors(ckpt / "method.safetensors"), io.read_json(ckpt / "method.json"))
-        backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
+        load_checkpoint(out, len(columns) - 1, method, backbone)
         logger.info("resuming %s after stage %d/%d", out, len(columns), len(stages))
     else:
         initial = evaluate(backbone, tasks, run.eval_split, "eval (untrained)")
