@@ -22,17 +22,14 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from transformers import set_seed
-
 from rkif import io, metrics
-from rkif.backbones import BackboneConfig, build_backbone
+from rkif.backbones import BackboneConfig
 from rkif.config import RunConfig, library_versions
 from rkif.data import Task, load_benchmark, resolve_task_names
-from rkif.methods import parse_options, resolve
-from rkif.runner import evaluate
-from rkif.training import train_stage
+from rkif.runner import build_learner, evaluate, learn_stage
 
 logger = logging.getLogger("heldout_select")
 HELD_OUT = "heldout"
@@ -50,22 +47,13 @@ def split_train(tasks: list[Task], held_out: float) -> list[Task]:
     return out
 
 
-def run_value(method: str, options: dict, tasks: list[Task], answer_tasks: list[Task], run: RunConfig,
-              workdir: str, label: str) -> list[list[float]]:
-    """Train the order with the method's ``options``; the held-out accuracy matrix (rows: task, columns: stage)."""
-    cls, opts = resolve(method, options)
-    config = parse_options(cls.config_class, opts)
-    set_seed(run.seed)
-    backbone = build_backbone(run.backbone, cls.peft_config(config, run.backbone))
-    backbone.set_answer_space(answer_tasks)
-    learner = cls(config, backbone, run)
+def run_value(run: RunConfig, tasks: list[Task], answer_tasks: list[Task], workdir: str,
+              label: str) -> list[list[float]]:
+    """Train the order as ``rkif run`` would; the held-out accuracy matrix (rows: task, columns: stage)."""
+    backbone, learner = build_learner(run, answer_tasks)
     columns = []
-    for j, stage in enumerate(learner.stages(tasks)):          # as the runner does
-        set_seed(run.seed + j)
-        train = [ex for t in stage for ex in t.split("train")]
-        data = learner.before_task(j, stage, train)
-        train_stage(backbone, data, learner, run, j, workdir)
-        learner.after_task(j, stage, train)
+    for j, stage in enumerate(learner.stages(tasks)):
+        learn_stage(j, stage, backbone, learner, run, workdir)
         names = "+".join(t.name for t in stage)
         columns.append(evaluate(backbone, tasks, HELD_OUT, f"{label} after {names}"))
         logger.info("%s after %s: %s", label, names, [round(a, 3) for a in columns[-1]])
@@ -133,7 +121,8 @@ def main() -> None:
             if key in results:
                 logger.info("%s=%s: held-out OP %.4f (from %s)", a.option, key, results[key]["op"], out)
                 continue
-            matrix = run_value(a.method, {**fixed, a.option: value}, tasks, full, run, tmp, f"{a.option}={key}")
+            trial = replace(run, method_options={**fixed, a.option: value})
+            matrix = run_value(trial, tasks, full, tmp, f"{a.option}={key}")
             results[key] = {"accuracy": matrix, "op": metrics.overall_performance(matrix),
                             "bwt": metrics.backward_transfer(matrix)}
             logger.info("%s=%s: held-out OP %.4f BWT %s", a.option, key, results[key]["op"], results[key]["bwt"])

@@ -1,9 +1,9 @@
 """The continual-learning loop: train each stage, evaluate every task, checkpoint, resume.
 
     for each stage j of method.stages(tasks):          (one task per stage unless the method says)
-        data = method.before_task(j, ...)
-        ContinualTrainer(backbone, data, method).train()
-        method.after_task(j, ...)
+        learn_stage: data = method.before_task(j, ...)
+                     ContinualTrainer(backbone, data, method).train()
+                     method.after_task(j, ...)
         evaluate every task -> column j of the accuracy matrix
         save adapter + method state (safetensors + JSON), write results.json (atomic)
 
@@ -49,17 +49,33 @@ def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str) -> li
     return accs
 
 
-def build(run: RunConfig) -> tuple[list[Task], Backbone, Method]:
-    """Tasks, backbone (answer space set) and method of a run."""
-    names = resolve_task_names(Path(run.data), run.benchmark, run.order, run.tasks)
-    tasks = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed)
+def build_learner(run: RunConfig, answer_tasks: list[Task]) -> tuple[Backbone, Method]:
+    """The run's backbone (answer space: the labels of ``answer_tasks``) and its method, seeded."""
     method_cls, options = resolve(run.method, run.method_options)
     method_config = parse_options(method_cls.config_class, options)
     set_seed(run.seed)
     backbone = build_backbone(run.backbone, method_cls.peft_config(method_config, run.backbone))
-    backbone.set_answer_space(tasks)
-    method = method_cls(method_config, backbone, run)
-    return tasks, backbone, method
+    backbone.set_answer_space(answer_tasks)
+    return backbone, method_cls(method_config, backbone, run)
+
+
+def build(run: RunConfig) -> tuple[list[Task], Backbone, Method]:
+    """Tasks, backbone (answer space set) and method of a run."""
+    names = resolve_task_names(Path(run.data), run.benchmark, run.order, run.tasks)
+    tasks = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed)
+    return (tasks, *build_learner(run, tasks))
+
+
+def learn_stage(j: int, stage: list[Task], backbone: Backbone, method: Method, run: RunConfig,
+                workdir: str) -> dict:
+    """Learn stage ``j``: the method's before_task, Trainer training, its after_task; the training log."""
+    set_seed(run.seed + j)
+    train = [ex for t in stage for ex in t.split("train")]
+    data = method.before_task(j, stage, train)
+    logger.info("stage %d: %s (%d training examples)", j + 1, "+".join(t.name for t in stage), len(data))
+    log = train_stage(backbone, data, method, run, j, workdir)
+    method.after_task(j, stage, train)
+    return log
 
 
 def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
@@ -138,14 +154,8 @@ def run_experiment(run: RunConfig) -> dict:
 
     for j in range(len(columns), len(stages)):
         start = time.perf_counter()
-        stage = stages[j]
-        set_seed(run.seed + j)
-        train = [ex for t in stage for ex in t.split("train")]
-        data = method.before_task(j, stage, train)
-        names = "+".join(t.name for t in stage)
-        logger.info("stage %d/%d: %s (%d training examples)", j + 1, len(stages), names, len(data))
-        log = train_stage(backbone, data, method, run, j, str(out / "trainer"))
-        method.after_task(j, stage, train)
+        names = "+".join(t.name for t in stages[j])
+        log = learn_stage(j, stages[j], backbone, method, run, str(out / "trainer"))
         column = evaluate(backbone, tasks, run.eval_split, f"eval after {names}")
         columns.append(column)
         log.update(stage=j, tasks=names, seconds=time.perf_counter() - start)

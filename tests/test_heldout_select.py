@@ -55,7 +55,7 @@ def test_a_value_is_trained_through_the_method_stages_as_the_runner_does(sel, ti
 
     full = load_benchmark(tiny_data, ["alpha", "beta"], None, None, "test", 7)
     tasks = sel.split_train(full, 0.25)
-    run = RunConfig(method="osf", backbone=BackboneConfig(max_length=32), data=str(tiny_data),
-                    tasks=["alpha", "beta"], epochs=1, batch_size=8, seed=7)
-    matrix = sel.run_value("osf", {"lr": 1e-4}, tasks, full, run, str(tmp_path), "lr=1e-4")
+    run = RunConfig(method="osf", method_options={"lr": 1e-4}, backbone=BackboneConfig(max_length=32),
+                    data=str(tiny_data), tasks=["alpha", "beta"], epochs=1, batch_size=8, seed=7)
+    matrix = sel.run_value(run, tasks, full, str(tmp_path), "lr=1e-4")
     assert len(matrix) == 2 and all(len(row) == 2 and all(0.0 <= a <= 1.0 for a in row) for row in matrix)

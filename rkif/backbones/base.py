@@ -9,6 +9,7 @@ selects them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -111,10 +112,19 @@ class Backbone(nn.Module):
         self.eval()
         out: list[str] = []
         bs = self.config.eval_batch_size
-        for start in tqdm(range(0, len(examples), bs), desc=desc, leave=False):
-            out.extend(self.predict_batch(examples[start:start + bs]))
-        self.train(was_training)
+        try:
+            with self.prediction_context():
+                for start in tqdm(range(0, len(examples), bs), desc=desc, leave=False):
+                    out.extend(self.predict_batch(examples[start:start + bs]))
+        finally:
+            self.train(was_training)
         return out
+
+    @contextmanager
+    def prediction_context(self) -> Iterator[None]:
+        """Entered once per ``predict`` call, in eval mode with fixed weights: a family caches here
+        what every batch of the call shares (the encoder: its candidate-label embeddings)."""
+        yield
 
     def tokenize(self, texts: list[str], max_length: int, **kw) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, max_length=max_length, truncation=True, padding=True,

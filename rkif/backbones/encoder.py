@@ -11,6 +11,8 @@ labels: an easier, documented setting that hides much of the forgetting.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,21 +93,18 @@ class EncoderBackbone(Backbone):
         logits = self.logits(input_ids, attention_mask, option_mask)
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
-    @torch.no_grad()
-    def predict(self, examples: list[Example], desc: str = "eval") -> list[str]:
-        """As the base class, but the candidates are embedded once per call, not once per batch.
+    @contextmanager
+    def prediction_context(self) -> Iterator[None]:
+        """Embed the candidates once per ``predict`` call, not once per batch.
 
         The weights do not change during a call, and the candidates form the same batch as in
         ``logits``, so the answers are identical; evaluation gets cheaper by C / (batch + C).
         """
-        was_training = self.training
-        self.eval()
         self._frozen_cands = self.embed(self.cand_ids, self.cand_mask)
         try:
-            return super().predict(examples, desc)
+            yield
         finally:
             self._frozen_cands = None
-            self.train(was_training)
 
     def predict_batch(self, examples: list[Example]) -> list[str]:
         batch = {k: v.to(self.device) for k, v in self.collate(examples).items()}
