@@ -44,6 +44,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=_size, default=d.train_size, help="examples per task ('all' for every one)")
     p.add_argument("--test-size", type=_size, default=d.test_size, help="test examples per task ('all')")
     p.add_argument("--eval-split", default=d.eval_split, choices=["test", "dev"])
+    p.add_argument("--eval-scope", default=d.eval_scope, choices=["all", "seen+next"],
+                   help="tasks evaluated after each task: all (full heatmap) or the seen ones and the next "
+                        "(same OP/BWT/FWT; 134 of 225 evaluations on 15 tasks)")
     p.add_argument("--memory-fraction", type=float, default=d.memory_fraction)
     p.add_argument("--max-length", type=int, default=b.max_length)
     p.add_argument("--max-target-length", type=int, default=b.max_target_length)
@@ -75,8 +78,9 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         method=a.method, method_options=_options(a.option), backbone=backbone,
         data=a.data or str(default_data_root()), benchmark=a.benchmark, order=a.order,
         tasks=a.tasks.split(",") if a.tasks else None, train_size=a.train_size, test_size=a.test_size,
-        eval_split=a.eval_split, memory_fraction=a.memory_fraction, epochs=a.epochs, max_steps=a.max_steps,
-        batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup_steps,
+        eval_split=a.eval_split, eval_scope=a.eval_scope, memory_fraction=a.memory_fraction, epochs=a.epochs,
+        max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+        warmup_steps=a.warmup_steps,
         precision=a.precision, seed=a.seed, output=a.output, resume=a.resume, report_to=a.report_to)
 
 

@@ -25,6 +25,7 @@ class RunConfig:
     train_size: int | None = 500     # per task, stratified; None = the whole split
     test_size: int | None = 300      # per task, stratified; None = the whole split
     eval_split: str = "test"
+    eval_scope: str = "all"          # after each stage: "all" tasks, or "seen+next" (BWT/FWT/OP unchanged)
     memory_fraction: float = 0.02
     epochs: float = 1.0
     max_steps: int | None = None     # optimizer steps per stage; overrides epochs when set

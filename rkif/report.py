@@ -52,11 +52,14 @@ def plot_matrix(r: dict, path: Path) -> None:
     """Heatmap of the accuracy matrix."""
     acc = r["accuracy"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(acc[0]), 1 + 0.5 * len(acc)))
-    im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
+    cells = [[float("nan") if a is None else a for a in row] for row in acc]   # not evaluated: blank
+    im = ax.imshow(cells, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(r["stages"])), ["+".join(s) for s in r["stages"]], rotation=45, ha="right")
     ax.set_yticks(range(len(r["tasks"])), r["tasks"])
     for i, row in enumerate(acc):
         for j, a in enumerate(row):
+            if a is None:
+                continue
             ax.text(j, i, f"{100 * a:.0f}", ha="center", va="center", color="w" if a < 0.6 else "k", fontsize=8)
     ax.set_xlabel("after training stage")
     ax.set_ylabel("evaluated task")

@@ -113,3 +113,54 @@ def test_results_record_the_resolved_method_config_and_a_changed_default_forbids
     (tmp_path / "run" / "results.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"ewc_lambda 12345.0 -> "):
         runner.run_experiment(RunConfig(**{**run.__dict__, "resume": True}))
+
+
+def test_seen_and_next_scope_evaluates_only_what_the_metrics_read(tiny_data, tmp_path):
+    full = runner.run_experiment(config(tiny_data, tmp_path / "all", method="seqlora"))
+    lean = runner.run_experiment(config(tiny_data, tmp_path / "lean", method="seqlora", eval_scope="seen+next"))
+    # after stage 0 the last task (gamma) is neither seen nor next; every other cell is evaluated
+    assert lean["accuracy"][2][0] is None
+    cells = [(i, j) for i in range(3) for j in range(3) if (i, j) != (2, 0)]
+    assert all(lean["accuracy"][i][j] == full["accuracy"][i][j] for i, j in cells)
+    for key in ("op", "bwt", "fwt", "forgetting"):
+        assert lean[key] == full[key]
+    from rkif.report import matrix_table, plot_matrix
+    plot_matrix(lean, tmp_path / "lean.png")                 # a blank cell draws, not crashes
+    assert "| gamma | " in matrix_table(lean) and " - |" in matrix_table(lean)
+
+
+def test_unknown_eval_scope_fails_before_training(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="eval_scope 'seen'"):
+        runner.run_experiment(config(tiny_data, tmp_path / "run", method="seqlora", eval_scope="seen"))
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tiny_data, tmp_path, monkeypatch):
+    """results.json written before ``eval_scope`` was added: the missing key means the default."""
+    def make(**kw):
+        return config(tiny_data, tmp_path / "old", method="seqlora", **kw)
+
+    def strip_new_setting():
+        path = tmp_path / "old" / "results.json"
+        saved = json.loads(path.read_text())
+        del saved["config"]["eval_scope"]
+        path.write_text(json.dumps(saved))
+
+    real = runner.train_stage
+    calls = []
+
+    def one_stage(*a, **kw):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "train_stage", one_stage)             # stage 0 finishes, stage 1 crashes
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(make())
+    monkeypatch.setattr(runner, "train_stage", real)
+    strip_new_setting()
+    with pytest.raises(ValueError, match="eval_scope"):
+        runner.run_experiment(make(resume=True, eval_scope="seen+next"))   # "all" then, "seen+next" now
+    resumed = runner.run_experiment(make(resume=True))
+    assert resumed["complete"] and resumed["finished_stages"] == 3
