@@ -92,13 +92,11 @@ def toy_examples(task: str, n: int, seed: int) -> list[Example]:
 
 
 def train_sequence(backbone, method, run, tasks, workdir) -> None:
-    """Each task through before_task -> train_stage -> after_task, as the runner does (no evaluation)."""
-    from rkif.training import train_stage
+    """Each task through the runner's own ``learn_stage`` (no evaluation)."""
+    from rkif.runner import learn_stage
 
     for stage, task in enumerate(tasks):
-        data = method.before_task(stage, [task], task.split("train"))
-        train_stage(backbone, data, method, run, stage, str(workdir))
-        method.after_task(stage, [task], task.split("train"))
+        learn_stage(stage, [task], backbone, method, run, str(workdir))
 
 
 def cut_and_resume(monkeypatch, make_config, crash_at_stage: int) -> tuple[dict, dict]:

@@ -20,7 +20,7 @@ def _run(cmd, tmp_path):
 
 
 def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     _run([*torchrun, str(WORKER), str(tmp_path / "ddp"), "8"], tmp_path)
     _run([sys.executable, str(WORKER), str(tmp_path / "single"), "16"], tmp_path)
     r0, r1 = (load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1))
