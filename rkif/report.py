@@ -88,7 +88,7 @@ def plot_final_accuracy(results: list[dict], path: Path) -> None:
 
 
 def plot_rounds(r: dict, path: Path) -> bool:
-    """Recurrent-KIF diagnostics per fusion round: mask regions and stability of I_out."""
+    """Recurrent-KIF diagnostics per fusion round: mask regions, stability of I_out, share of the update kept."""
     rounds = (r.get("diagnostics") or {}).get("rounds") or []
     if not rounds:
         return False
@@ -99,10 +99,10 @@ def plot_rounds(r: dict, path: Path) -> bool:
     a1.set_xlabel("fusion round")
     a1.set_ylabel("fraction of scalars")
     a1.legend(fontsize=8)
-    for key in ("mask_out_overlap", "i_out_rank_corr"):
+    for key in ("mask_out_overlap", "i_out_rank_corr", "update_kept"):
         a2.plot(x, [rec.get(key, float("nan")) for rec in rounds], label=key)
     a2.set_xlabel("fusion round")
-    a2.set_ylim(0, 1)
+    a2.set_ylim(bottom=0)
     a2.legend(fontsize=8)
     fig.suptitle(f"{r['method']}: knowledge identification per round")
     fig.tight_layout()

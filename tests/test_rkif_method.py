@@ -171,6 +171,19 @@ def test_region_fractions_sum_to_one(tmp_path):
         assert r["in_only"] + r["shared"] >= 0.2 - 1e-9            # at least the top 20% of I_in
 
 
+def test_each_round_logs_the_weights_and_the_share_of_the_plain_update_it_kept(tmp_path):
+    _, m = run_rkif(tmp_path)
+    for r in m.diagnostics()["rounds"]:                     # Eq. 9: the weights are the masks
+        assert abs(r["w_in_mean"] - (r["in_only"] + r["shared"])) < 1e-9
+        assert abs(r["w_out_mean"] - (r["out_only"] + r["shared"])) < 1e-9
+        assert 0 < r["update_kept"] < 1
+    _, ki = run_rkif(tmp_path, method="rkif-ki")            # -KI keeps tau_in + tau_out whole
+    assert all(r["w_in_mean"] == r["w_out_mean"] == 1 and abs(r["update_kept"] - 1) < 1e-5
+               for r in ki.diagnostics()["rounds"])
+    _, gm = run_rkif(tmp_path, method="rkif-gm")            # +GM: two scalars that sum to one
+    assert all(abs(r["w_in_mean"] + r["w_out_mean"] - 1) < 1e-9 for r in gm.diagnostics()["rounds"])
+
+
 def test_bad_option_is_refused():
     cls, opts = resolve("rkif", {"fusion": "magic"})
     with pytest.raises(ValueError, match="fusion"):

@@ -205,11 +205,14 @@ class RecurrentKIF(MemoryMethod):
         m_out = binary_masks(self.i_out, cfg.top_fraction, cfg.threshold, cfg.threshold_scope)
         if not cfg.share:
             m_in = fusion.drop_shared(m_in, m_out)
-        fused = self._fuse(tau_in, tau_out, i_in, m_in, m_out)
+        fused, weights = self._fuse(tau_in, tau_out, i_in, m_in, m_out)
+        # how much of the unfused update (tau_in + tau_out, i.e. -KI) the fusion kept, by L2 norm
+        plain = _norm({n: tau_in[n] + tau_out[n] for n in tau_in})
+        weights["update_kept"] = _norm(fusion.task_vector(fused, self.anchor)) / plain if plain > 0 else 1.0
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(fused[n])
-        self._log_round(trainer, m_in, m_out)
+        self._log_round(trainer, m_in, m_out, weights)
         self.anchor = {n: t.clone() for n, t in fused.items()}
         self.inner.reset()
         self.steps_in_round = 0
@@ -217,25 +220,29 @@ class RecurrentKIF(MemoryMethod):
         self.timing["outer"] += t2 - t1
         self.timing["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t2)
 
-    def _fuse(self, tau_in, tau_out, i_in, m_in, m_out) -> dict[str, torch.Tensor]:
+    def _fuse(self, tau_in, tau_out, i_in, m_in, m_out) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The fused parameters and the mean weight each task vector got (for the round's log)."""
         cfg, anchor = self.config, self.anchor
         if cfg.fusion == "mask":
-            return fusion.masked_fusion(anchor, tau_in, tau_out, m_in, m_out)      # Eq. 9
+            fused = fusion.masked_fusion(anchor, tau_in, tau_out, m_in, m_out)    # Eq. 9
+            return fused, {"w_in_mean": _mean(m_in), "w_out_mean": _mean(m_out)}
         if cfg.fusion == "sum":
-            return fusion.sum_fusion(anchor, tau_in, tau_out)
+            return fusion.sum_fusion(anchor, tau_in, tau_out), {"w_in_mean": 1.0, "w_out_mean": 1.0}
         if cfg.fusion == "global":
             w_in, w_out = fusion.global_weights(i_in, self.i_out)
-            return {n: anchor[n] + w_in * tau_in[n] + w_out * tau_out[n] for n in anchor}
+            fused = {n: anchor[n] + w_in * tau_in[n] + w_out * tau_out[n] for n in anchor}
+            return fused, {"w_in_mean": w_in, "w_out_mean": w_out}
         if cfg.fusion == "adaptive":
             w_in, w_out = fusion.adaptive_weights(i_in, self.i_out, cfg.adaptive_temperature)
         else:
             w_in, w_out = fusion.release_weights(m_in, m_out)
-        return fusion.weighted_fusion(anchor, tau_in, tau_out, w_in, w_out)
+        fused = fusion.weighted_fusion(anchor, tau_in, tau_out, w_in, w_out)
+        return fused, {"w_in_mean": _mean(w_in), "w_out_mean": _mean(w_out)}
 
     # -- diagnostics (Figure 5b / 8 analysis) -------------------------------------------------------
-    def _log_round(self, trainer, m_in, m_out) -> None:
+    def _log_round(self, trainer, m_in, m_out, weights: dict[str, float]) -> None:
         record = {"stage": self.stage, "round": self.round, "step": trainer.state.global_step,
-                  **fusion.region_fractions(m_in, m_out)}
+                  **fusion.region_fractions(m_in, m_out), **weights}
         if self.prev_mask_out is not None:
             inter = sum(int((m_out[n] & self.prev_mask_out[n]).sum()) for n in m_out)
             record["mask_out_overlap"] = inter / max(1, sum(int(m.sum()) for m in m_out.values()))
@@ -257,6 +264,16 @@ class RecurrentKIF(MemoryMethod):
         super().load_state_dict(tensors, meta)
         self.rounds_log = meta["diagnostics"]["rounds"]
         self.timing = meta["diagnostics"]["seconds"]
+
+
+def _mean(tensors: dict[str, torch.Tensor]) -> float:
+    """Mean over every scalar of a {name: tensor} map (masks count as 0/1)."""
+    return sum(float(t.float().sum()) for t in tensors.values()) / sum(t.numel() for t in tensors.values())
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    """L2 norm of a {name: tensor} map taken as one vector."""
+    return sum(float(t.float().pow(2).sum()) for t in tensors.values()) ** 0.5
 
 
 def _rank_correlation(a: dict, b: dict, seed: int, limit: int = 100_000) -> float:
