@@ -5,8 +5,9 @@
     done
     python benchmarks/fusion_weights.py runs/fw/* --out benchmarks/results/fusion_weights
 
-Reads each run's ``diagnostics.rounds`` (``w_in_mean``, ``w_out_mean``, ``update_kept``, the mask
-regions) and writes the per-run means and ranges as JSON and a markdown table.
+Reads each run's ``diagnostics.rounds`` (``w_in_mean``, ``w_out_mean``, ``update_kept`` = the L2
+norm of the fused update over that of tau_in + tau_out, the mask regions) and writes the per-run
+means and ranges as JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ KEYS = ("w_in_mean", "w_out_mean", "update_kept", "neither")
 
 def summarise(result: dict) -> dict:
     """Mean, min and max over the fusion rounds of each diagnostic in KEYS."""
-    rounds = [r for r in result["diagnostics"]["rounds"] if all(k in r for k in KEYS)]
+    if not result.get("complete"):
+        raise ValueError(f"{result['method']}: the run is not finished")
+    rounds = [r for r in (result.get("diagnostics") or {}).get("rounds", []) if all(k in r for k in KEYS)]
     if not rounds:
         raise ValueError(f"{result['method']}: no fusion round records {KEYS} (a run from before they were logged?)")
     out = {"method": result["method"], "rounds": len(rounds), "op": result["op"], "config": result["config"]}
@@ -38,7 +41,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/fusion_weights")
     a = p.parse_args()
     rows = [summarise(r) for r in load_results([Path(d) for d in a.runs])]
-    lines = ["| variant | rounds | mean weight of tau_in / tau_out | update kept (L2, mean, range) "
+    lines = ["| variant | rounds | mean weight of tau_in / tau_out | norm of fused / unfused update (mean, range) "
              "| scalars in neither mask |", "|---|---|---|---|---|"]
     for r in rows:
         w_in, w_out, kept = r["w_in_mean"]["mean"], r["w_out_mean"]["mean"], r["update_kept"]

@@ -57,7 +57,10 @@ def tasks_to_evaluate(stages: list[list[Task]], j: int, scope: str) -> set[str] 
 
 def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
              only: set[str] | None = None) -> list[float | None]:
-    """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``)."""
+    """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``).
+
+    In a distributed run every rank must call it (``Backbone.predict`` is a collective).
+    """
     accs: list[float | None] = []
     for task in tasks:
         if only is not None and task.name not in only:
@@ -101,7 +104,10 @@ def learn_stage(j: int, stage: list[Task], backbone: Backbone, method: Method, r
 def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
     now = {k: v for k, v in run.to_dict().items() if k not in _RESUME_FREE}
     # a setting added to RunConfig after the run started was, in effect, at its default then
-    saved = {**RunConfig().to_dict(), **previous["config"]}
+    # (the rule for a new setting: its default must reproduce the old behaviour)
+    defaults = RunConfig().to_dict()
+    saved = {**defaults, **previous["config"]}
+    saved["backbone"] = {**defaults["backbone"], **previous["config"].get("backbone", {})}
     before = {k: v for k, v in saved.items() if k not in _RESUME_FREE}
     diff = sorted(k for k in now if now[k] != before.get(k))
     if diff:

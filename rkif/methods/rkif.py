@@ -206,7 +206,7 @@ class RecurrentKIF(MemoryMethod):
         if not cfg.share:
             m_in = fusion.drop_shared(m_in, m_out)
         fused, weights = self._fuse(tau_in, tau_out, i_in, m_in, m_out)
-        # how much of the unfused update (tau_in + tau_out, i.e. -KI) the fusion kept, by L2 norm
+        # ||fused update|| / ||tau_in + tau_out|| (the unfused -KI update); above 1 if tau_in and tau_out partly cancel
         plain = _norm({n: tau_in[n] + tau_out[n] for n in tau_in})
         weights["update_kept"] = _norm(fusion.task_vector(fused, self.anchor)) / plain if plain > 0 else 1.0
         with torch.no_grad():
