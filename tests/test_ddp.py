@@ -1,7 +1,5 @@
-"""Two-process DDP on CPU (gloo): identical weights on both ranks, equal to one process, same global batch;
-evaluation split between the ranks."""
+"""Two-process DDP on CPU (gloo): identical weights on both ranks, equal to one process, same global batch."""
 
-import json
 import os
 import subprocess
 import sys
@@ -28,8 +26,3 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
     for n in single:
         assert torch.equal(r0[n], r1[n]), n                                   # ranks agree bit for bit
         assert torch.allclose(r0[n], single[n], atol=1e-5), n                 # = one process, same global batch
-    for r in (0, 1):                  # each rank answered its half; both return every answer, in order
-        got = json.loads((tmp_path / "ddp" / f"answers{r}.json").read_text())
-        assert got["answers"] == got["expected"] and got["predicted_here"] == (16, 15)[r]
-    alone = json.loads((tmp_path / "single" / "answers0.json").read_text())
-    assert alone["answers"] == alone["expected"] and alone["predicted_here"] == 31

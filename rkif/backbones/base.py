@@ -20,14 +20,6 @@ from tqdm.auto import tqdm
 from rkif.data import Example, Task
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @dataclass
 class BackboneConfig:
     """Which model to load and how to adapt it."""
@@ -115,29 +107,18 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def predict(self, examples: list[Example], desc: str = "eval") -> list[str]:
-        """Answers for every example, in batches, in eval mode (restores the previous mode).
-
-        In a distributed run (the process group the Trainer set up) each of the W ranks answers
-        every W-th example and the answers are gathered, so every rank returns the whole list and
-        evaluation takes 1/W of the time. Every rank must call it (a collective).
-        """
-        rank, world = _rank_and_world()
-        mine = examples[rank::world]
+        """Answers for every example, in batches, in eval mode (restores the previous mode)."""
         was_training = self.training
         self.eval()
         out: list[str] = []
         bs = self.config.eval_batch_size
         try:
             with self.prediction_context():
-                for start in tqdm(range(0, len(mine), bs), desc=desc, leave=False, disable=rank != 0):
-                    out.extend(self.predict_batch(mine[start:start + bs]))
+                for start in tqdm(range(0, len(examples), bs), desc=desc, leave=False):
+                    out.extend(self.predict_batch(examples[start:start + bs]))
         finally:
             self.train(was_training)
-        if world == 1:
-            return out
-        shares: list[list[str]] = [[] for _ in range(world)]
-        torch.distributed.all_gather_object(shares, out)
-        return [shares[i % world][i // world] for i in range(len(examples))]
+        return out
 
     @contextmanager
     def prediction_context(self) -> Iterator[None]:
