@@ -57,10 +57,7 @@ def tasks_to_evaluate(stages: list[list[Task]], j: int, scope: str) -> set[str] 
 
 def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
              only: set[str] | None = None) -> list[float | None]:
-    """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``).
-
-    In a distributed run every rank must call it (``Backbone.predict`` is a collective).
-    """
+    """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``)."""
     accs: list[float | None] = []
     for task in tasks:
         if only is not None and task.name not in only:
