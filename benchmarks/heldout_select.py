@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from rkif import io, metrics
@@ -48,24 +48,68 @@ def split_train(tasks: list[Task], held_out: float) -> list[Task]:
 
 
 def run_value(run: RunConfig, tasks: list[Task], answer_tasks: list[Task], workdir: str,
-              label: str) -> list[list[float]]:
-    """Train the order as ``rkif run`` would; the held-out accuracy matrix (rows: task, columns: stage)."""
+              label: str) -> tuple[list[list[float]], list[float]]:
+    """Train the order as ``rkif run`` would: the held-out accuracy matrix (rows: task, columns: stage)
+    and the held-out accuracy before any training."""
     backbone, learner = build_learner(run, answer_tasks)
+    initial = evaluate(backbone, tasks, HELD_OUT, f"{label} untrained", precision=run.precision)
+    logger.info("%s untrained: %s", label, [round(a, 3) for a in initial])
     columns = []
     for j, stage in enumerate(learner.stages(tasks)):
         learn_stage(j, stage, backbone, learner, run, workdir)
         names = "+".join(t.name for t in stage)
-        columns.append(evaluate(backbone, tasks, HELD_OUT, f"{label} after {names}"))
+        columns.append(evaluate(backbone, tasks, HELD_OUT, f"{label} after {names}", precision=run.precision))
         logger.info("%s after %s: %s", label, names, [round(a, 3) for a in columns[-1]])
-    return [[col[i] for col in columns] for i in range(len(tasks))]
+    return [[col[i] for col in columns] for i in range(len(tasks))], initial
 
 
-def choose(results: dict[str, dict], reference: set[str] = frozenset()) -> float:
-    """The value with the best held-out OP, the smaller value on ties; reference values are never chosen."""
-    candidates = [(r["op"], -float(k)) for k, r in results.items() if k not in reference]
-    if not candidates:
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def value_key(text: str) -> str:
+    """How a candidate value is stored: numbers as %g (so 1e-3 and 0.001 are one value), words as given;
+    a combination of several options' values is joined by ':'."""
+    if ":" in text:
+        return ":".join(value_key(part) for part in text.split(":"))
+    number = _number(text)
+    return text if number is None else f"{number:g}"
+
+
+def choose(results: dict[str, dict], reference: set[str] = frozenset()) -> float | str:
+    """The value with the best held-out OP; ties: the smaller number, or the first listed word.
+    Reference values are never chosen."""
+    keys = [k for k in results if k not in reference]
+    if not keys:
         raise ValueError("every measured value is a reference; nothing to choose")
-    return -max(candidates)[1]
+    best = max(results[k]["op"] for k in keys)
+    tied = [k for k in keys if results[k]["op"] == best]
+    numbers = [_number(k) for k in tied]
+    return min(numbers) if all(n is not None for n in numbers) else tied[0]
+
+
+def with_option(run: RunConfig, option: str, value: str, fixed: dict[str, str]) -> RunConfig:
+    """``run`` with ``option = value``: a RunConfig field, a BackboneConfig field, else a method option."""
+    run_fields = {f.name for f in fields(RunConfig)} - {"backbone", "method_options"}
+    if option in run_fields:
+        default = getattr(RunConfig(), option)
+        return replace(run, method_options=dict(fixed), **{option: _typed(value, default, option)})
+    if option in {f.name for f in fields(BackboneConfig)}:
+        default = getattr(BackboneConfig(), option)
+        return replace(run, method_options=dict(fixed),
+                       backbone=replace(run.backbone, **{option: _typed(value, default, option)}))
+    return replace(run, method_options={**fixed, option: float(value) if _number(value) is not None else value})
+
+
+def _typed(value: str, default, option: str):
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return type(default)(float(value)) if isinstance(default, int) else float(value)
+    return value
 
 
 def reusable_results(path: Path, settings: dict) -> dict[str, dict]:
@@ -83,7 +127,9 @@ def reusable_results(path: Path, settings: dict) -> dict[str, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", required=True)
-    p.add_argument("--option", required=True, help="the method option to choose, e.g. ewc_lambda")
+    p.add_argument("--option", required=True,
+                   help="what to choose: a method option (ewc_lambda), a run setting (lr) or a backbone one "
+                        "(prompt_format); several, comma-separated, with values joined by ':' (raw:2e-3)")
     p.add_argument("--values", required=True, help="comma-separated candidate values")
     p.add_argument("--reference", default="", help="comma-separated values measured but never chosen")
     p.add_argument("--set", default="", help="other method options, k=v,k=v (fixed for every value)")
@@ -94,8 +140,12 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=500, help="per-task training sample before the split")
     p.add_argument("--held-out", type=float, default=0.2, help="fraction of each task's sample held out")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--family", default="encoder")
+    p.add_argument("--family", default="auto")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--prompt-format", default="raw")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--group-by-length", action="store_true")
+    p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -106,7 +156,9 @@ def main() -> None:
     out = Path(a.out or f"benchmarks/results/heldout/{a.method}_{a.option}.json")
     fixed = dict(kv.split("=", 1) for kv in a.set.split(",") if kv)
 
-    run = RunConfig(method=a.method, backbone=BackboneConfig(model=a.model, family=a.family, max_length=a.max_length),
+    backbone = BackboneConfig(model=a.model, family=a.family, max_length=a.max_length, prompt_format=a.prompt_format,
+                              eval_batch_size=a.eval_batch_size)
+    run = RunConfig(method=a.method, backbone=backbone, precision=a.precision, group_by_length=a.group_by_length,
                     data=a.data, benchmark=a.benchmark, order=a.order,
                     tasks=a.tasks.split(",") if a.tasks else None, train_size=a.train_size, test_size=1,
                     epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
@@ -116,17 +168,23 @@ def main() -> None:
     settings = {**vars(a), "out": str(out)}
     results = reusable_results(out, settings)
     with tempfile.TemporaryDirectory() as tmp:
-        for value in (float(x) for x in a.values.split(",")):
-            key = f"{value:g}"
+        for value in a.values.split(","):
+            key = value_key(value)
             if key in results:
                 logger.info("%s=%s: held-out OP %.4f (from %s)", a.option, key, results[key]["op"], out)
                 continue
-            trial = replace(run, method_options={**fixed, a.option: value})
-            matrix = run_value(trial, tasks, full, tmp, f"{a.option}={key}")
-            results[key] = {"accuracy": matrix, "op": metrics.overall_performance(matrix),
-                            "bwt": metrics.backward_transfer(matrix)}
+            trial = run
+            names, parts = a.option.split(","), value.split(":")
+            if len(names) != len(parts):
+                raise SystemExit(f"--values {value!r}: expected {len(names)} ':'-joined values for {a.option}")
+            for name, part in zip(names, parts):
+                trial = with_option(trial, name, part, {**trial.method_options, **fixed})
+            matrix, initial = run_value(trial, tasks, full, tmp, f"{a.option}={key}")
+            results[key] = {"accuracy": matrix, "initial_accuracy": initial,
+                            "op": metrics.overall_performance(matrix), "bwt": metrics.backward_transfer(matrix)}
+            io.write_json(out.with_suffix(".partial.json"), {"settings": settings, "results": results})
             logger.info("%s=%s: held-out OP %.4f BWT %s", a.option, key, results[key]["op"], results[key]["bwt"])
-    reference = {f"{float(x):g}" for x in a.reference.split(",") if x}
+    reference = {value_key(x) for x in a.reference.split(",") if x}
     chosen = choose(results, reference)
     report = {"method": a.method, "option": a.option, "chosen": chosen, "reference": sorted(reference),
               "criterion": "held-out OP (mean accuracy after the last task)",
@@ -135,7 +193,7 @@ def main() -> None:
               "settings": {**settings, "values": ",".join(results)}, "results": results,
               "versions": library_versions()}
     io.write_json(out, report)
-    logger.info("chosen %s = %g (written to %s)", a.option, chosen, out)
+    logger.info("chosen %s = %s (written to %s)", a.option, chosen, out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ optimizer steps on the second; R-KIF adds M outer steps per Q inner steps, so it
 Runs alternate (replay, rkif, replay, rkif, ...) and medians are reported.
 
     python benchmarks/overhead.py --steps 48 --repeats 3 --out benchmarks/results/overhead.json
+    python benchmarks/overhead.py --model smollm2 --steps 16 --repeats 2 --out benchmarks/results/overhead_smollm2.json
+
+With ``--model smollm2`` the run settings are those ``rkif run --model smollm2`` implies (sizes, lr,
+precision, prompt format: ``MODEL_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from rkif import io
 from rkif.backbones import BackboneConfig
+from rkif.backbones.sources import MODEL_DEFAULTS
 from rkif.config import RunConfig, library_versions
 from rkif.methods import parse_options, resolve
 from rkif.runner import build
@@ -34,11 +40,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--inner-steps", type=int, default=8)
     p.add_argument("--outer-steps", type=int, default=4)
+    p.add_argument("--model", default="minilm")
     p.add_argument("--out", default="benchmarks/results/overhead.json")
     a = p.parse_args()
 
-    run = RunConfig(method="replay", backbone=BackboneConfig(), data=a.data, tasks=a.tasks.split(","),
-                    train_size=500, test_size=8, max_steps=a.steps, seed=42)
+    implied = MODEL_DEFAULTS.get(a.model, {})
+    backbone_fields = {f.name for f in fields(BackboneConfig)}
+    backbone = BackboneConfig(model=a.model, **{k: v for k, v in implied.items() if k in backbone_fields})
+    run_settings = {k: v for k, v in implied.items()
+                    if k not in backbone_fields and k not in ("test_size", "output", "eval_scope")}
+    run = RunConfig(**{"train_size": 500, **run_settings}, method="replay", backbone=backbone, data=a.data,
+                    tasks=a.tasks.split(","), test_size=8, max_steps=a.steps, seed=42)
     tasks, backbone, replay = build(run)
     first, second = tasks
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +77,8 @@ def main() -> None:
     result = {
         "command": "python benchmarks/overhead.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
-        "steps": a.steps, "inner_steps": a.inner_steps, "outer_steps": a.outer_steps,
+        "model": a.model, "run": run.to_dict(), "steps": a.steps, "inner_steps": a.inner_steps,
+        "outer_steps": a.outer_steps,
         "seconds": timings, "median_seconds": med,
         "ratio_rkif_to_replay": med["rkif"] / med["replay"], "floor": floor,
         "bookkeeping_fraction_of_rkif_time": med["rkif_bookkeeping"] / med["rkif"],

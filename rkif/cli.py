@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rkif.backbones import FAMILIES, BackboneConfig
+from rkif.backbones.sources import MODEL_DEFAULTS
 from rkif.config import RunConfig
 from rkif.data import DataError, default_data_root
 
@@ -33,8 +34,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=d.method, help="method or preset name (see `rkif methods`)")
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -O inner_steps=4 (repeatable)")
-    p.add_argument("--model", default=b.model, help="'minilm' (offline default), a local path or a hub name")
-    p.add_argument("--family", default=b.family, choices=sorted(FAMILIES))
+    p.add_argument("--model", default=b.model,
+                   help="'minilm' (offline default), 'smollm2' (offline generative LM), a .gguf file, a local path "
+                        "or a hub name")
+    p.add_argument("--family", default="auto", choices=["auto", *sorted(FAMILIES)],
+                   help="model family (default: inferred from the model)")
     p.add_argument("--data", default=None, help=f"data root (default: $RKIF_DATA or {default_data_root()})")
     p.add_argument("--benchmark", default=d.benchmark, choices=["standard", "long"])
     p.add_argument("--order", type=int, default=d.order, help="task order: 1-3 standard, 4-6 long")
@@ -61,7 +65,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: q,v of the family)")
     p.add_argument("--answer-space", default=b.answer_space, choices=["all", "task"],
                    help="encoder: score over all labels of the run (default) or the task's own")
-    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--prompt-format", default=b.prompt_format, choices=["raw", "chat"],
+                   help="causal: instruction+input as is (raw) or inside the tokenizer's chat template")
+    p.add_argument("--answer-mode", default=b.answer_mode, choices=["generate", "rank"],
+                   help="causal: greedy generation + exact match, or rank classification over the candidate labels")
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16", "auto"],
+                   help="autocast for training and evaluation; auto: bf16 where the hardware has it, else fp32")
+    p.add_argument("--group-by-length", action="store_true", help="training batches of similar length")
     p.add_argument("--report-to", default=d.report_to, help="Trainer integration, e.g. tensorboard")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output", default=DEFAULT_OUTPUT)
@@ -73,7 +83,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         model=a.model, family=a.family, max_length=a.max_length, max_target_length=a.max_target_length,
         lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
         lora_targets=a.lora_targets.split(",") if a.lora_targets else None,
-        answer_space=a.answer_space, eval_batch_size=a.eval_batch_size)
+        answer_space=a.answer_space, eval_batch_size=a.eval_batch_size, prompt_format=a.prompt_format,
+        answer_mode=a.answer_mode)
     return RunConfig(
         method=a.method, method_options=_options(a.option), backbone=backbone,
         data=a.data or str(default_data_root()), benchmark=a.benchmark, order=a.order,
@@ -81,14 +92,19 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         eval_split=a.eval_split, eval_scope=a.eval_scope, memory_fraction=a.memory_fraction, epochs=a.epochs,
         max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         warmup_steps=a.warmup_steps,
-        precision=a.precision, seed=a.seed, output=a.output, resume=a.resume, report_to=a.report_to)
+        precision=a.precision, group_by_length=a.group_by_length, seed=a.seed, output=a.output, resume=a.resume,
+        report_to=a.report_to)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rkif", description="Continual learning of language models.")
     sub = parser.add_subparsers(dest="command")
-    run_p = sub.add_parser("run", help="run one continual-learning experiment (default command)")
+    profiles = "; ".join(f"--model {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                         for m, d in MODEL_DEFAULTS.items())
+    run_p = sub.add_parser("run", help="run one continual-learning experiment (default command)",
+                           epilog=f"Defaults an offline model implies (explicit options win): {profiles}")
     add_run_arguments(run_p)
+    parser.set_defaults(run_parser=run_p)
     rep = sub.add_parser("report", help="markdown table and plots from run folders")
     rep.add_argument("dirs", nargs="+", help="run folders (or results.json files)")
     rep.add_argument("--out", default=None, help="where to write table.md and PNGs (default: the first folder)")
@@ -101,10 +117,23 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
     bench_p.add_argument("--orders", default=None, help="comma-separated subset of the grid's orders to run")
     sub.add_parser("methods", help="list the methods and presets")
-    argv = sys.argv[1:] if argv is None else argv
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` (``run`` is the default command); ``--model NAME`` with MODEL_DEFAULTS sets its defaults."""
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
-    args = parser.parse_args(argv)
+    if argv[0] == "run":
+        run_p = parser.get_default("run_parser")
+        known, _ = run_p.parse_known_args(argv[1:])
+        run_p.set_defaults(**MODEL_DEFAULTS.get(known.model, {}))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "run":

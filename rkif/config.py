@@ -36,7 +36,8 @@ class RunConfig:
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "fp32"          # fp32 | bf16 | fp16
+    precision: str = "fp32"          # fp32 | bf16 | fp16 | auto (bf16 where native, else fp32: rkif.precision)
+    group_by_length: bool = False    # training batches of similar token length (less padding)
     seed: int = 42
     output: str = "runs/default"
     resume: bool = False

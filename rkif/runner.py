@@ -26,6 +26,7 @@ from rkif.backbones import Backbone, build_backbone
 from rkif.config import RunConfig, library_versions
 from rkif.data import Task, load_benchmark, resolve_task_names
 from rkif.methods import Method, parse_options, resolve
+from rkif.precision import autocast, resolve_precision
 from rkif.training import train_stage
 
 logger = logging.getLogger(__name__)
@@ -56,15 +57,19 @@ def tasks_to_evaluate(stages: list[list[Task]], j: int, scope: str) -> set[str] 
 
 
 def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
-             only: set[str] | None = None) -> list[float | None]:
-    """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``)."""
+             only: set[str] | None = None, precision: str = "fp32") -> list[float | None]:
+    """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``),
+    under the run's ``precision`` (autocast for bf16/fp16)."""
     accs: list[float | None] = []
+    device_type = backbone.device.type
+    precision = resolve_precision(precision, device_type)
     for task in tasks:
         if only is not None and task.name not in only:
             accs.append(None)
             continue
         examples = task.split(split)
-        answers = backbone.predict(examples, desc=f"{desc} {task.name}")
+        with autocast(precision, device_type):
+            answers = backbone.predict(examples, desc=f"{desc} {task.name}")
         accs.append(sum(metrics.exact_match(a, ex.output) for a, ex in zip(answers, examples)) / len(examples))
     return accs
 
@@ -143,7 +148,7 @@ def _results(run, method_config, tasks, stages, columns, initial, extra) -> dict
         "tasks": [t.name for t in tasks], "stages": [[t.name for t in s] for s in stages],
         "accuracy": matrix, "initial_accuracy": initial,
         "op": summary.get("op"), "bwt": summary.get("bwt"), "fwt": summary.get("fwt"),
-        "forgetting": summary.get("forgetting"),
+        "forgetting": summary.get("forgetting"), "precision_used": resolve_precision(run.precision),
         "finished_stages": len(columns), "complete": done,
         "config": run.to_dict(), "method_config": asdict(method_config), "versions": library_versions(), **extra,
     }
@@ -175,7 +180,7 @@ def run_experiment(run: RunConfig) -> dict:
         load_checkpoint(out, len(columns) - 1, method, backbone)
         logger.info("resuming %s after stage %d/%d", out, len(columns), len(stages))
     else:
-        initial = evaluate(backbone, tasks, run.eval_split, "eval (untrained)")
+        initial = evaluate(backbone, tasks, run.eval_split, "eval (untrained)", precision=run.precision)
         logger.info("untrained accuracy: %s", _fmt(tasks, initial))
 
     for j in range(len(columns), len(stages)):
@@ -183,7 +188,7 @@ def run_experiment(run: RunConfig) -> dict:
         names = "+".join(t.name for t in stages[j])
         log = learn_stage(j, stages[j], backbone, method, run, str(out / "trainer"))
         column = evaluate(backbone, tasks, run.eval_split, f"eval after {names}",
-                          tasks_to_evaluate(stages, j, run.eval_scope))
+                          tasks_to_evaluate(stages, j, run.eval_scope), run.precision)
         columns.append(column)
         log.update(stage=j, tasks=names, seconds=time.perf_counter() - start)
         extra["stage_log"].append(log)

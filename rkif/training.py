@@ -12,11 +12,13 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from rkif.backbones import Backbone
 from rkif.config import RunConfig
 from rkif.data import Example
 from rkif.methods import Method
+from rkif.precision import resolve_precision
 
 
 class MethodCallback(TrainerCallback):
@@ -59,6 +61,15 @@ class ContinualTrainer(Trainer):
             self._extra_logs[name].append(term.detach().item())
         return (loss, outputs) if return_outputs else loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches from the backbone's token counts (the stock sampler needs dict items)."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        lengths = [self.model.example_length(ex) for ex in dataset]
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=lengths)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         for name, values in self._extra_logs.items():
             logs[name] = sum(values) / len(values)
@@ -68,6 +79,7 @@ class ContinualTrainer(Trainer):
 
 def training_arguments(run: RunConfig, stage: int, workdir: str) -> TrainingArguments:
     """TrainingArguments of one stage; the seed depends only on (run seed, stage) for resumability."""
+    precision = resolve_precision(run.precision)
     return TrainingArguments(
         output_dir=workdir,
         per_device_train_batch_size=run.batch_size,
@@ -79,8 +91,9 @@ def training_arguments(run: RunConfig, stage: int, workdir: str) -> TrainingArgu
         warmup_steps=run.warmup_steps,
         weight_decay=run.weight_decay,
         max_grad_norm=run.max_grad_norm,
-        bf16=run.precision == "bf16",
-        fp16=run.precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        train_sampling_strategy="group_by_length" if run.group_by_length else "random",
         seed=run.seed + stage,
         data_seed=run.seed + stage,
         save_strategy="no",

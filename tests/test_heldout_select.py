@@ -57,5 +57,19 @@ def test_a_value_is_trained_through_the_method_stages_as_the_runner_does(sel, ti
     tasks = sel.split_train(full, 0.25)
     run = RunConfig(method="osf", method_options={"lr": 1e-4}, backbone=BackboneConfig(max_length=32),
                     data=str(tiny_data), tasks=["alpha", "beta"], epochs=1, batch_size=8, seed=7)
-    matrix = sel.run_value(run, tasks, full, str(tmp_path), "lr=1e-4")
+    matrix, initial = sel.run_value(run, tasks, full, str(tmp_path), "lr=1e-4")
+    assert len(initial) == 2 and all(0.0 <= a <= 1.0 for a in initial)
     assert len(matrix) == 2 and all(len(row) == 2 and all(0.0 <= a <= 1.0 for a in row) for row in matrix)
+
+
+def test_choosing_words_combinations_and_run_settings(sel):
+    from rkif.config import RunConfig
+
+    results = {"raw:0.002": {"op": 0.6}, "chat:0.002": {"op": 0.6}, "raw:0.001": {"op": 0.5}}
+    assert sel.choose(results) == "raw:0.002"                   # a tie between words: the first listed
+    assert sel.choose({"1": {"op": 0.5}, "0.1": {"op": 0.5}}) == 0.1
+    assert sel.value_key("raw:2e-3") == "raw:0.002" and sel.value_key("1e-3") == "0.001"
+    run = sel.with_option(RunConfig(), "lr", "2e-3", {})
+    run = sel.with_option(run, "prompt_format", "chat", {})
+    run = sel.with_option(run, "ewc_lambda", "10", {})
+    assert run.lr == 2e-3 and run.backbone.prompt_format == "chat" and run.method_options == {"ewc_lambda": 10.0}

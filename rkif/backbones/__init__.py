@@ -18,6 +18,8 @@ def build_backbone(cfg: BackboneConfig, peft_config=None) -> Backbone:
         raise ValueError(f"unknown --family {cfg.family!r}: choose from {sorted(FAMILIES)}")
     if cfg.model == "minilm" and cfg.family != "encoder":
         raise ValueError("--model minilm is a sentence encoder: use --family encoder")
+    if (cfg.model == "smollm2" or cfg.model.endswith(".gguf")) and cfg.family != "causal":
+        raise ValueError(f"--model {cfg.model} is a decoder-only LM: use --family causal (or auto)")
     return FAMILIES[cfg.family](cfg, peft_config=peft_config)
 
 

