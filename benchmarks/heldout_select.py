@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rkif import io, metrics
 from rkif.backbones import BackboneConfig
+from rkif.backbones.sources import infer_family
 from rkif.config import RunConfig, library_versions
 from rkif.data import Task, load_benchmark, resolve_task_names
 from rkif.runner import build_learner, evaluate, learn_stage
@@ -105,6 +106,9 @@ def with_option(run: RunConfig, option: str, value: str, fixed: dict[str, str]) 
 
 
 def _typed(value: str, default, option: str):
+    if default is None:                                   # e.g. max_steps, train_size: a number
+        number = _number(value)
+        return value if number is None else int(number) if number == int(number) else number
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes")
     if isinstance(default, (int, float)) and not isinstance(default, bool):
@@ -112,16 +116,30 @@ def _typed(value: str, default, option: str):
     return value
 
 
+# settings added to this script later, at the values earlier selections implicitly used
+LATER_SETTINGS = {"prompt_format": "raw", "precision": "fp32", "group_by_length": False, "eval_batch_size": 64}
+_FREE = ("values", "reference")
+
+
 def reusable_results(path: Path, settings: dict) -> dict[str, dict]:
-    """Results of an earlier selection at ``path`` made with the same settings (any values), else {}."""
-    if not path.exists():
-        return {}
-    earlier = io.read_json(path)
-    same = {k: v for k, v in earlier.get("settings", {}).items() if k not in ("values", "reference")}
-    if same != {k: v for k, v in settings.items() if k not in ("values", "reference")}:
-        logger.warning("%s was made with other settings; it will be replaced", path)
-        return {}
-    return dict(earlier["results"])
+    """Results of an earlier selection at ``path`` (or its ``.partial.json``, written after every value)
+    made with the same settings (any values), else {}."""
+    def normal(given: dict) -> dict:           # later settings at their old values; family "auto" resolved
+        full = {k: v for k, v in {**LATER_SETTINGS, **given}.items() if k not in _FREE}
+        if full.get("family") == "auto":
+            full["family"] = infer_family(full["model"])
+        return full
+
+    results = {}
+    for file in (path.with_suffix(".partial.json"), path):
+        if not file.exists():
+            continue
+        earlier = io.read_json(file)
+        if normal(earlier.get("settings", {})) != normal(settings):
+            logger.warning("%s was made with other settings; it will be replaced", file)
+            continue
+        results.update(earlier["results"])
+    return results
 
 
 def main() -> None:

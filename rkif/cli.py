@@ -71,7 +71,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="causal: greedy generation + exact match, or rank classification over the candidate labels")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16", "auto"],
                    help="autocast for training and evaluation; auto: bf16 where the hardware has it, else fp32")
-    p.add_argument("--group-by-length", action="store_true", help="training batches of similar length")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=d.group_by_length,
+                   help="training batches of similar length")
     p.add_argument("--report-to", default=d.report_to, help="Trainer integration, e.g. tensorboard")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output", default=DEFAULT_OUTPUT)

@@ -103,7 +103,20 @@ def learn_stage(j: int, stage: list[Task], backbone: Backbone, method: Method, r
     return log
 
 
+def _changed_behaviour(saved: dict) -> str | None:
+    """Why a run saved by an earlier rkif would not continue as it started, where no setting restores it."""
+    if "prompt_format" not in saved.get("backbone", {}) and saved.get("backbone", {}).get("family") in (
+            "causal", "seq2seq"):
+        return "generative evaluation changed since it was saved (prompt tokens, truncation, generation length)"
+    if "group_by_length" not in saved and saved.get("precision") == "bf16":
+        return "bf16 runs now also evaluate under bf16 autocast (they evaluated in fp32 when it was saved)"
+    return None
+
+
 def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
+    changed = _changed_behaviour(previous["config"])
+    if changed and not previous.get("complete"):
+        raise ValueError(f"{path}: cannot resume: {changed}; start it again with another --output")
     now = {k: v for k, v in run.to_dict().items() if k not in _RESUME_FREE}
     # a setting added to RunConfig after the run started was, in effect, at its default then
     # (the rule for a new setting: its default must reproduce the old behaviour)

@@ -45,7 +45,20 @@ def test_generation_stops_after_the_longest_answer_of_the_run(monkeypatch):
 
     monkeypatch.setattr(backbone.model, "generate", generate)
     backbone.predict(EXAMPLES)
-    assert new_tokens and max(new_tokens) <= backbone.answer_limit       # an untrained model never stops early
+    assert new_tokens and set(new_tokens) == {backbone.answer_limit}    # the untrained model never says EOS
+
+
+def test_batched_left_padded_generation_equals_one_example_at_a_time():
+    backbone = build()
+    backbone.config.eval_batch_size = 7
+    batched = backbone.predict(EXAMPLES)
+    backbone.config.eval_batch_size = 1
+    assert backbone.predict(EXAMPLES) == batched
+
+
+def test_collate_builds_cpu_tensors_for_the_dataloader():
+    batch = build().collate(EXAMPLES[:3])                 # pinned and moved by the Trainer's DataLoader
+    assert all(t.device.type == "cpu" for t in batch.values())
 
 
 def test_length_sorted_batches_answer_in_the_callers_order(monkeypatch):
@@ -76,11 +89,12 @@ def test_a_long_prompt_keeps_its_instruction_and_its_end():
     assert short == enc(EXAMPLES[0].instruction) + enc(EXAMPLES[0].input)            # untouched when it fits
 
 
-def test_max_length_too_small_for_the_instruction_is_refused():
+def test_max_length_too_small_for_the_instruction_is_refused_only_when_the_input_must_be_cut():
     backbone = build()
-    backbone.config.max_length = 8
-    with pytest.raises(ValueError, match="--max-length 8"):
-        backbone.prompt_ids(Example("t", "input", "good", "a long instruction " * 4))
+    backbone.config.max_length = 16
+    assert len(backbone.prompt_ids(Example("t", "short", "good", "a long instruction " * 2))) <= 16
+    with pytest.raises(ValueError, match="--max-length 16"):
+        backbone.prompt_ids(Example("t", "a much longer input " * 4, "good", "a long instruction " * 2))
 
 
 def test_chat_format_wraps_the_prompt_and_answers_without_a_leading_space():
@@ -128,8 +142,37 @@ def test_rank_mode_answers_the_most_likely_candidate_of_its_answer_space():
                       for c in backbone.candidates}
             expected.append(max(scores, key=scores.get))
     assert backbone.predict(EXAMPLES) == expected
+
+
+def test_rank_mode_with_the_task_answer_space_never_answers_another_tasks_label(monkeypatch):
+    backbone = build(answer_mode="rank").eval()
+    maybe = backbone.candidates.index("maybe")
+    real = backbone.candidate_log_likelihoods
+
+    def prefer_maybe(prompts, answers):                # the other task's label scores highest everywhere
+        scores = real(prompts, answers)
+        scores[:, maybe] = scores.max() + 1.0
+        return scores
+
+    monkeypatch.setattr(backbone, "candidate_log_likelihoods", prefer_maybe)
+    assert set(backbone.predict(EXAMPLES)) == {"maybe"}
     backbone.config.answer_space = "task"
-    assert set(backbone.predict(EXAMPLES)) <= set(LABELS)              # never the other task's "maybe"
+    answers = backbone.predict(EXAMPLES)
+    assert "maybe" not in answers and set(answers) <= set(LABELS)
+
+
+def test_rank_mode_splits_many_examples_into_bounded_prompt_passes(monkeypatch):
+    from rkif.backbones import causal
+
+    backbone = build(answer_mode="rank").eval()
+    monkeypatch.setattr(causal, "RANK_ROWS", 2 * len(backbone.candidates))          # 2 examples per pass
+    sizes = []
+    real = backbone.candidate_log_likelihoods
+    monkeypatch.setattr(backbone, "candidate_log_likelihoods",
+                        lambda prompts, answers: sizes.append(len(prompts)) or real(prompts, answers))
+    with torch.no_grad():
+        expected = build(answer_mode="rank").eval().predict(EXAMPLES)
+    assert backbone.predict(EXAMPLES) == expected and sizes == [2, 2, 2, 1]
 
 
 def test_unknown_prompt_format_or_answer_mode_is_refused():

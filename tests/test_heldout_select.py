@@ -73,3 +73,16 @@ def test_choosing_words_combinations_and_run_settings(sel):
     run = sel.with_option(run, "prompt_format", "chat", {})
     run = sel.with_option(run, "ewc_lambda", "10", {})
     assert run.lr == 2e-3 and run.backbone.prompt_format == "chat" and run.method_options == {"ewc_lambda": 10.0}
+
+
+def test_earlier_selections_and_partial_results_are_reused(sel, tmp_path):
+    from rkif import io
+
+    old = {"method": "osf", "option": "lr", "values": "1e-05", "model": "minilm", "family": "encoder", "lr": 0.001}
+    path = tmp_path / "osf_lr.json"
+    io.write_json(path, {"settings": old, "results": {"1e-05": {"op": 0.5}}})       # saved before the new settings
+    now = {**old, **sel.LATER_SETTINGS, "values": "1e-05,0.001"}
+    assert sel.reusable_results(path, now) == {"1e-05": {"op": 0.5}}
+    io.write_json(path.with_suffix(".partial.json"), {"settings": now, "results": {"0.001": {"op": 0.4}}})
+    assert set(sel.reusable_results(path, now)) == {"1e-05", "0.001"}
+    assert sel.reusable_results(path, {**now, "precision": "bf16"}) == {}

@@ -165,3 +165,17 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tiny_data, 
         runner.run_experiment(make(resume=True, eval_scope="seen+next"))   # "all" then, "seen+next" now
     resumed = runner.run_experiment(make(resume=True))
     assert resumed["complete"] and resumed["finished_stages"] == 3
+
+
+def test_runs_whose_behaviour_changed_since_they_were_saved_refuse_to_resume():
+    from rkif.runner import _changed_behaviour
+
+    current = RunConfig().to_dict()
+    assert _changed_behaviour(current) is None
+    old_causal = {**current, "backbone": {k: v for k, v in current["backbone"].items() if k != "prompt_format"}}
+    old_causal["backbone"]["family"] = "causal"
+    assert "generative evaluation changed" in _changed_behaviour(old_causal)
+    old_encoder = {**old_causal, "backbone": {**old_causal["backbone"], "family": "encoder"}}
+    assert _changed_behaviour(old_encoder) is None                      # MiniLM runs resume as before
+    old_bf16 = {k: v for k, v in current.items() if k != "group_by_length"} | {"precision": "bf16"}
+    assert "bf16" in _changed_behaviour(old_bf16)

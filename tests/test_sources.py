@@ -66,7 +66,15 @@ def write_config(folder, **config):
     return str(folder)
 
 
-def test_family_is_inferred_from_the_model(tmp_path):
+def test_family_is_inferred_from_the_model(tmp_path, monkeypatch):
+    import transformers
+
+    def hub_config(name):                                  # the hub (or its cache) knows one model
+        if name != "org/t5-like":
+            raise OSError(f"{name} is not in the cache\nmore lines")
+        return transformers.T5Config()
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", hub_config)
     assert infer_family("minilm") == "encoder"
     assert infer_family("smollm2") == "causal"
     assert infer_family("x/model.gguf") == "causal"
@@ -74,7 +82,8 @@ def test_family_is_inferred_from_the_model(tmp_path):
     assert infer_family(write_config(tmp_path / "llama", architectures=["LlamaForCausalLM"])) == "causal"
     assert infer_family(write_config(tmp_path / "gpt2", architectures=["GPT2LMHeadModel"])) == "causal"
     assert infer_family(write_config(tmp_path / "bert", architectures=["BertModel"])) == "encoder"
-    with pytest.raises(ValueError, match="pass --family"):
+    assert infer_family("org/t5-like") == "seq2seq"
+    with pytest.raises(ValueError, match=r"not in the cache\); pass --family"):
         infer_family("org/not-here")
     assert BackboneConfig(model="smollm2").family == "causal"
     assert BackboneConfig(model="smollm2", family="seq2seq").family == "seq2seq"    # explicit wins
@@ -90,5 +99,7 @@ def test_cli_model_defaults_apply_unless_given():
     assert all(getattr(smol, k) == v for k, v in defaults.items())
     explicit = parse_args(build_parser(), ["--model", "smollm2", "--lr", "1e-4", "--precision", "fp32"])
     assert explicit.lr == 1e-4 and explicit.precision == "fp32" and explicit.epochs == defaults["epochs"]
+    off = parse_args(build_parser(), ["--model", "smollm2", "--no-group-by-length"])
+    assert off.group_by_length is False
     minilm = parse_args(build_parser(), ["run"])
     assert minilm.lr == 1e-3 and minilm.precision == "fp32" and minilm.family == "auto"

@@ -16,10 +16,13 @@ Answers (``answer_mode``):
   on the decoded string. Batches are sorted by prompt length, so little padding is decoded.
 - ``rank``: rank classification, the candidate with the highest log-likelihood (answer tokens + EOS,
   summed) given the prompt; candidates are every label of the run (``answer_space="all"``) or the
-  example's task's labels (``"task"``).
+  example's task's labels (``"task"``). The prompt runs once; its key/value cache is repeated for the
+  candidates, so C candidates cost one prompt pass and C short answer passes.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,6 +32,7 @@ from rkif.backbones.sources import resolve_model
 from rkif.data import Example, Task
 
 TAIL_TOKENS = 8            # the end of an input kept when its middle is cut
+RANK_ROWS = 256            # rank mode: at most this many (example, candidate) rows share one prompt cache
 PROMPT_FORMATS = ("raw", "chat")
 ANSWER_MODES = ("generate", "rank")
 _SLOT = "\x00RKIF_PROMPT\x00"
@@ -84,14 +88,14 @@ class CausalBackbone(Backbone):
 
     def prompt_ids(self, ex: Example) -> list[int]:
         """The prompt's tokens, at most ``max_length``: the middle of a long input is cut (see module doc)."""
-        key = (ex.instruction, ex.input)
+        key = (ex.instruction, ex.input, self.config.max_length)
         if key not in self._prompt_cache:
             instruction, text = self._encode(ex.instruction), self._encode(ex.input)
             budget = self.config.max_length - len(self.prefix) - len(self.suffix) - len(instruction)
-            if budget < 2 * TAIL_TOKENS:
-                raise ValueError(f"--max-length {self.config.max_length} leaves {budget} tokens for the input of "
-                                 f"task {ex.task!r} after its instruction and template; raise it")
             if len(text) > budget:
+                if budget < 2 * TAIL_TOKENS:
+                    raise ValueError(f"--max-length {self.config.max_length} leaves {budget} tokens for an input of "
+                                     f"task {ex.task!r} after its instruction and template; raise it")
                 text = text[:budget - TAIL_TOKENS] + text[-TAIL_TOKENS:]
             self._prompt_cache[key] = self.prefix + instruction + text + self.suffix
         return self._prompt_cache[key]
@@ -117,7 +121,7 @@ class CausalBackbone(Backbone):
             prompt, answer = self.prompt_ids(ex), self.answer_ids(ex.output)
             rows.append(prompt + answer)
             targets.append([-100] * len(prompt) + answer)
-        input_ids, mask = self._pad(rows, left=False)
+        input_ids, mask = self._pad(rows, left=False)            # on the CPU: the DataLoader pins and moves them
         labels, _ = self._pad(targets, left=False, value=-100)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -131,19 +135,21 @@ class CausalBackbone(Backbone):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         return {"loss": out.loss}
 
-    def _pad(self, rows: list[list[int]], left: bool, value: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, rows: list[list[int]], left: bool, value: int | None = None,
+             device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids and attention mask (on ``device``, default CPU)."""
         value = self.tokenizer.pad_token_id if value is None else value
         width = max(map(len, rows))
         padded = [[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows]
         mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r))
                 for r in rows]
-        return torch.tensor(padded, device=self.device), torch.tensor(mask, device=self.device)
+        return torch.tensor(padded, device=device), torch.tensor(mask, device=device)
 
     # -- answers ----------------------------------------------------------------------------------
     def predict_batch(self, examples: list[Example]) -> list[str]:
         if self.config.answer_mode == "rank":
             return self._rank(examples)
-        input_ids, mask = self._pad([self.prompt_ids(ex) for ex in examples], left=True)
+        input_ids, mask = self._pad([self.prompt_ids(ex) for ex in examples], left=True, device=self.device)
         ids = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.answer_limit,
                                   do_sample=False, num_beams=1, eos_token_id=self.tokenizer.eos_token_id,
                                   pad_token_id=self.tokenizer.pad_token_id)
@@ -157,28 +163,35 @@ class CausalBackbone(Backbone):
         candidates costs one prompt pass plus C short answer passes instead of C full passes.
         """
         n, c = len(prompts), len(answers)
-        ids, mask = self._pad(prompts, left=True)
+        ids, mask = self._pad(prompts, left=True, device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                    # [n, V]: answer token 0
-        cache = out.past_key_values
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values           # renamed in transformers 5
         cache.batch_repeat_interleave(c)                                               # row i*c + j: prompt i
-        ans, ans_mask = self._pad(answers, left=False)                                 # [c, L]
+        ans, ans_mask = self._pad(answers, left=False, device=self.device)             # [c, L]
         ans_ids, ans_mask = ans.repeat(n, 1), ans_mask.repeat(n, 1)
         starts = mask.sum(-1).repeat_interleave(c)                                     # prompt lengths
         positions = starts[:, None] + torch.arange(ans.shape[1], device=ans.device)[None, :]
         logits = self.model(input_ids=ans_ids, attention_mask=torch.cat([mask.repeat_interleave(c, 0), ans_mask], 1),
-                            position_ids=positions, past_key_values=cache).logits[:, :-1].float()
+                            position_ids=positions, **{self._cache_kwarg: cache}).logits[:, :-1].float()
         rest = torch.log_softmax(logits, dim=-1).gather(-1, ans_ids[:, 1:, None]).squeeze(-1)   # answer tokens 1..
         head = first.repeat_interleave(c, 0).gather(-1, ans_ids[:, :1]).squeeze(-1)
         total = head + (rest * ans_mask[:, 1:]).sum(-1)
         return total.view(n, c)
 
+    @property
+    def _cache_kwarg(self) -> str:
+        forward = inspect.signature(self.model.get_base_model().forward).parameters
+        return "cache" if "cache" in forward else "past_key_values"
+
     def _rank(self, examples: list[Example]) -> list[str]:
         if not self.candidates:
             raise ValueError("answer_mode='rank' needs the run's labels: call set_answer_space first")
-        scores = self.candidate_log_likelihoods([self.prompt_ids(ex) for ex in examples],
-                                                [self.answer_ids(c) for c in self.candidates])
+        answers = [self.answer_ids(c) for c in self.candidates]
+        group = max(1, RANK_ROWS // len(answers))              # examples per prompt pass: bounded cache copies
+        scores = torch.cat([self.candidate_log_likelihoods([self.prompt_ids(ex) for ex in examples[k:k + group]],
+                                                           answers) for k in range(0, len(examples), group)])
         if self.config.answer_space == "task":
             allowed = torch.zeros_like(scores, dtype=torch.bool)
             for i, ex in enumerate(examples):

@@ -2,7 +2,7 @@
 
 ``resolve_model`` turns the ``--model`` string into what ``from_pretrained`` needs (a folder or hub
 name, and a GGUF file inside it when there is one); ``infer_family`` picks the backbone family of
-``--family auto``. Both are cheap: no weights are read.
+``--family auto``. Neither reads weights.
 
 Offline names:
 
@@ -95,9 +95,9 @@ def resolve_model(name: str) -> ModelSource:
 def infer_family(name: str) -> str:
     """The backbone family of ``--model NAME`` for ``--family auto``, read from names and config.json only.
 
-    ``minilm`` -> encoder; ``smollm2`` and GGUF files (decoder-only LLaMA-style) -> causal; a folder's
-    config.json: ``is_encoder_decoder`` -> seq2seq, an ``*ForCausalLM``/``*LMHeadModel`` architecture ->
-    causal, anything else -> encoder. A hub name without a local folder cannot be inspected offline.
+    ``minilm`` -> encoder; ``smollm2`` and GGUF files (decoder-only LLaMA-style) -> causal; the model's
+    config (a folder's config.json, or a hub name's from the cache): ``is_encoder_decoder`` -> seq2seq, an
+    ``*ForCausalLM``/``*LMHeadModel`` architecture -> causal, anything else -> encoder.
     """
     if name == "minilm":
         return "encoder"
@@ -107,13 +107,20 @@ def infer_family(name: str) -> str:
     config = path / "config.json"
     if path.is_dir() and not config.exists() and any(path.glob("*.gguf")):
         return "causal"
-    if not config.exists():
-        raise ValueError(f"--model {name}: cannot tell its family offline (no local config.json); "
-                         "pass --family encoder|seq2seq|causal")
-    try:
-        cfg = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config}: unreadable model config ({err})") from err
+    if config.exists():
+        try:
+            cfg = json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{config}: unreadable model config ({err})") from err
+    else:                                   # a hub name: its config from the local cache (or the hub when online)
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(name).to_dict()
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--model {name}: cannot read its config to tell its family "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                             "pass --family encoder|seq2seq|causal") from err
     if cfg.get("is_encoder_decoder"):
         return "seq2seq"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or []):
