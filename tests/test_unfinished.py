@@ -1,0 +1,21 @@
+"""benchmarks/unfinished.py lists what a fresh clone needs to resume a grid's unfinished runs."""
+
+import importlib.util
+from pathlib import Path
+
+from rkif import io
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unfinished.py"
+
+
+def test_lists_results_and_the_last_checkpoint_of_unfinished_runs_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("unfinished", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, finished, complete in (("a", 2, False), ("b", 4, True), ("c", 0, False)):
+        run = tmp_path / "runs" / name / "order1-seed42"
+        for stage in range(finished):
+            io.write_tensors(run / "checkpoints" / f"stage_{stage}" / "adapter.safetensors", {})
+        io.write_json(run / "results.json", {"finished_stages": finished, "complete": complete})
+    a = tmp_path / "runs" / "a" / "order1-seed42"
+    assert module.resumable_files(tmp_path) == [a / "results.json", a / "checkpoints" / "stage_1"]
