@@ -69,7 +69,7 @@ class CausalBackbone(Backbone):
         self.answer_limit = cfg.max_target_length + 1     # new tokens generated; set_answer_space tightens it
         self.candidates: list[str] = []
         self.task_candidates: dict[str, list[int]] = {}
-        self._prompt_cache: dict[tuple[str, str], list[int]] = {}
+        self._prompt_cache: dict[tuple[str, str, int], list[int]] = {}     # (instruction, input, max_length)
 
     # -- tokens -----------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
