@@ -9,6 +9,7 @@ precision and distributed training are the Trainer's and keep working.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import fields
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -63,7 +64,9 @@ class ContinualTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped batches from the backbone's token counts (the stock sampler needs dict items)."""
-        if self.args.train_sampling_strategy != "group_by_length":
+        grouped = (getattr(self.args, "train_sampling_strategy", None) == "group_by_length"
+                   or getattr(self.args, "group_by_length", False))        # the name before transformers 5
+        if not grouped:
             return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
         lengths = [self.model.example_length(ex) for ex in dataset]
@@ -93,7 +96,7 @@ def training_arguments(run: RunConfig, stage: int, workdir: str) -> TrainingArgu
         max_grad_norm=run.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        train_sampling_strategy="group_by_length" if run.group_by_length else "random",
+        **_length_grouping(run.group_by_length),
         seed=run.seed + stage,
         data_seed=run.seed + stage,
         save_strategy="no",
@@ -104,6 +107,13 @@ def training_arguments(run: RunConfig, stage: int, workdir: str) -> TrainingArgu
         use_cpu=not torch.accelerator.is_available(),   # CPU-only: lets torchrun/accelerate run DDP on gloo
         disable_tqdm=False,
     )
+
+
+def _length_grouping(on: bool) -> dict:
+    """The TrainingArguments setting for length-grouped batches, under its current or its older name."""
+    if "train_sampling_strategy" in {f.name for f in fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if on else "random"}
+    return {"group_by_length": on}
 
 
 def train_stage(backbone: Backbone, data: list[Example], method: Method, run: RunConfig,
