@@ -94,26 +94,23 @@ def choose(results: dict[str, dict], reference: set[str] = frozenset()) -> float
 
 def with_option(run: RunConfig, option: str, value: str, fixed: dict[str, str]) -> RunConfig:
     """``run`` with ``option = value``: a RunConfig field, a BackboneConfig field, else a method option."""
-    run_fields = {f.name for f in fields(RunConfig)} - {"backbone", "method_options"}
-    if option in run_fields:
-        default = getattr(RunConfig(), option)
-        return replace(run, method_options=dict(fixed), **{option: _typed(value, default, option)})
-    if option in {f.name for f in fields(BackboneConfig)}:
-        default = getattr(BackboneConfig(), option)
-        return replace(run, method_options=dict(fixed),
-                       backbone=replace(run.backbone, **{option: _typed(value, default, option)}))
+    run = replace(run, method_options=dict(fixed))
+    for config in (RunConfig(), BackboneConfig()):
+        if option in {f.name for f in fields(config)} - {"backbone", "method_options"}:
+            return run.with_settings(**{option: _typed(value, getattr(config, option))})
     return replace(run, method_options={**fixed, option: float(value) if _number(value) is not None else value})
 
 
-def _typed(value: str, default, option: str):
-    if default is None:                                   # e.g. max_steps, train_size: a number
+def _typed(value: str, default):
+    """``value`` as the type of the setting's default (a number where the default is None)."""
+    if default is None:                                   # e.g. max_steps, train_size
         number = _number(value)
         return value if number is None else int(number) if number == int(number) else number
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes")
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        return type(default)(float(value)) if isinstance(default, int) else float(value)
-    return value
+    if isinstance(default, int):
+        return int(float(value))
+    return float(value) if isinstance(default, float) else value
 
 
 # settings added to this script later, at the values earlier selections implicitly used

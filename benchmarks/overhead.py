@@ -20,7 +20,6 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from rkif import io
@@ -44,13 +43,10 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/overhead.json")
     a = p.parse_args()
 
-    implied = MODEL_DEFAULTS.get(a.model, {})
-    backbone_fields = {f.name for f in fields(BackboneConfig)}
-    backbone = BackboneConfig(model=a.model, **{k: v for k, v in implied.items() if k in backbone_fields})
-    run_settings = {k: v for k, v in implied.items()
-                    if k not in backbone_fields and k not in ("test_size", "output", "eval_scope")}
-    run = RunConfig(**{"train_size": 500, **run_settings}, method="replay", backbone=backbone, data=a.data,
-                    tasks=a.tasks.split(","), test_size=8, max_steps=a.steps, seed=42)
+    implied = {k: v for k, v in MODEL_DEFAULTS.get(a.model, {}).items()
+               if k not in ("test_size", "output", "eval_scope")}
+    run = RunConfig(method="replay", backbone=BackboneConfig(model=a.model), data=a.data, tasks=a.tasks.split(","),
+                    train_size=500, test_size=8, max_steps=a.steps, seed=42).with_settings(**implied)
     tasks, backbone, replay = build(run)
     first, second = tasks
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from rkif import io
+from rkif import io, metrics
 from rkif.backbones import BackboneConfig, build_backbone
 from rkif.config import library_versions
 from rkif.data import load_benchmark
-from rkif.metrics import exact_match
 from rkif.precision import autocast, native_bf16
 
 TASKS = ["dbpedia", "amazon", "yahoo", "agnews"]
@@ -53,7 +52,12 @@ def timed_predict(backbone, examples, *, answer_mode="generate", bounded=True, p
 
 
 def accuracy(answers, examples) -> float:
-    return sum(exact_match(a, ex.output) for a, ex in zip(answers, examples)) / len(examples)
+    return metrics.accuracy(answers, [ex.output for ex in examples])
+
+
+def agreement(answers, others) -> float:
+    """Share of examples answered identically."""
+    return sum(a == b for a, b in zip(answers, others, strict=True)) / len(answers)
 
 
 def evaluation_speed(backbone, examples, with_rank: bool) -> dict:
@@ -63,8 +67,7 @@ def evaluation_speed(backbone, examples, with_rank: bool) -> dict:
             continue
         per100, answers = timed_predict(backbone, examples, **kw)
         out[name] = {"seconds_per_100": per100, "accuracy": accuracy(answers, examples), "answers": answers}
-    out["after_equals_before"] = sum(a == b for a, b in zip(out["after"]["answers"], out["before"]["answers"])) \
-        / len(examples)
+    out["after_equals_before"] = agreement(out["after"]["answers"], out["before"]["answers"])
     out["speedup_after_vs_before"] = out["before"]["seconds_per_100"] / out["after"]["seconds_per_100"]
     return out
 
@@ -94,8 +97,7 @@ def precision_comparison(backbone, train, examples, steps: int, lr: float) -> di
             per100, answers = timed_predict(backbone, examples, precision=eval_precision)
             evals[eval_precision] = {"seconds_per_100": per100, "accuracy": accuracy(answers, examples),
                                      "answers": answers}
-        evals["agreement_fp32_bf16"] = sum(a == b for a, b in zip(evals["fp32"]["answers"], evals["bf16"]["answers"])) \
-            / len(examples)
+        evals["agreement_fp32_bf16"] = agreement(evals["fp32"]["answers"], evals["bf16"]["answers"])
         out[precision] = {"seconds_per_step": seconds, "median_seconds_per_step": statistics.median(seconds[1:]),
                           "losses": losses, "eval": evals}
     out["bf16_step_speedup"] = out["fp32"]["median_seconds_per_step"] / out["bf16"]["median_seconds_per_step"]

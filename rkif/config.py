@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -51,6 +51,16 @@ class RunConfig:
         d = dict(d)
         d["backbone"] = BackboneConfig(**d.get("backbone", {}))
         return cls(**d)
+
+    def with_settings(self, **settings) -> RunConfig:
+        """A copy with flat ``settings``, each a RunConfig or a BackboneConfig field (as MODEL_DEFAULTS names them)."""
+        backbone_fields = {f.name for f in fields(BackboneConfig)}
+        unknown = set(settings) - backbone_fields - {f.name for f in fields(RunConfig)}
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}")
+        backbone = {k: v for k, v in settings.items() if k in backbone_fields}
+        run = {k: v for k, v in settings.items() if k not in backbone_fields}
+        return replace(self, backbone=replace(self.backbone, **backbone), **run)
 
     @property
     def output_dir(self) -> Path:

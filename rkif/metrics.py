@@ -16,6 +16,11 @@ def exact_match(prediction: str, label: str) -> bool:
     return prediction.strip().lower() == label.strip().lower()
 
 
+def accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
+    """Share of predictions that exactly match their label (case-insensitive, see ``exact_match``)."""
+    return sum(exact_match(p, y) for p, y in zip(predictions, labels, strict=True)) / len(labels)
+
+
 def overall_performance(acc: Matrix) -> float:
     """OP = mean_i a[i][K], the mean accuracy after the last stage (Eq. 10)."""
     if not acc:

@@ -70,7 +70,7 @@ def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
         examples = task.split(split)
         with autocast(precision, device_type):
             answers = backbone.predict(examples, desc=f"{desc} {task.name}")
-        accs.append(sum(metrics.exact_match(a, ex.output) for a, ex in zip(answers, examples)) / len(examples))
+        accs.append(metrics.accuracy(answers, [ex.output for ex in examples]))
     return accs
 
 

@@ -103,3 +103,12 @@ def test_cli_model_defaults_apply_unless_given():
     assert off.group_by_length is False
     minilm = parse_args(build_parser(), ["run"])
     assert minilm.lr == 1e-3 and minilm.precision == "fp32" and minilm.family == "auto"
+
+
+def test_model_defaults_route_to_run_and_backbone_settings():
+    from rkif.config import RunConfig
+
+    run = RunConfig().with_settings(**sources.MODEL_DEFAULTS["smollm2"])
+    assert run.lr == 1e-3 and run.backbone.max_length == 128 and run.backbone.prompt_format == "raw"
+    with pytest.raises(ValueError, match="unknown setting"):
+        RunConfig().with_settings(learning_rate=1.0)

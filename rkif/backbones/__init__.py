@@ -4,6 +4,7 @@ from rkif.backbones.base import Backbone, BackboneConfig
 from rkif.backbones.causal import CausalBackbone
 from rkif.backbones.encoder import EncoderBackbone, minilm_path
 from rkif.backbones.seq2seq import Seq2SeqBackbone
+from rkif.backbones.sources import family_from_name
 
 FAMILIES: dict[str, type[Backbone]] = {
     "encoder": EncoderBackbone,
@@ -16,10 +17,9 @@ def build_backbone(cfg: BackboneConfig, peft_config=None) -> Backbone:
     """Load the configured model family with its adapter (the paper's LoRA unless ``peft_config``)."""
     if cfg.family not in FAMILIES:
         raise ValueError(f"unknown --family {cfg.family!r}: choose from {sorted(FAMILIES)}")
-    if cfg.model == "minilm" and cfg.family != "encoder":
-        raise ValueError("--model minilm is a sentence encoder: use --family encoder")
-    if (cfg.model == "smollm2" or cfg.model.endswith(".gguf")) and cfg.family != "causal":
-        raise ValueError(f"--model {cfg.model} is a decoder-only LM: use --family causal (or auto)")
+    fixed = family_from_name(cfg.model)
+    if fixed and cfg.family != fixed:
+        raise ValueError(f"--model {cfg.model}: its family is {fixed}; use --family {fixed} (or auto)")
     return FAMILIES[cfg.family](cfg, peft_config=peft_config)
 
 

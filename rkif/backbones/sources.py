@@ -92,6 +92,15 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name)
 
 
+def family_from_name(name: str) -> str | None:
+    """The family a model name fixes by itself: ``minilm`` an encoder; ``smollm2`` and GGUF files causal."""
+    if name == "minilm":
+        return "encoder"
+    if name == "smollm2" or name.endswith(".gguf"):
+        return "causal"
+    return None
+
+
 def infer_family(name: str) -> str:
     """The backbone family of ``--model NAME`` for ``--family auto``, read from names and config.json only.
 
@@ -99,10 +108,8 @@ def infer_family(name: str) -> str:
     config (a folder's config.json, or a hub name's from the cache): ``is_encoder_decoder`` -> seq2seq, an
     ``*ForCausalLM``/``*LMHeadModel`` architecture -> causal, anything else -> encoder.
     """
-    if name == "minilm":
-        return "encoder"
-    if name == "smollm2" or name.endswith(".gguf"):
-        return "causal"
+    if fixed := family_from_name(name):
+        return fixed
     path = Path(name).expanduser()
     config = path / "config.json"
     if path.is_dir() and not config.exists() and any(path.glob("*.gguf")):
