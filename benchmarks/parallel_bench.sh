@@ -8,6 +8,8 @@ set -uo pipefail
 grid=$1 out=$2 workers=$3 seconds=$4 archive=${5:-}
 shift $(( $# < 5 ? $# : 5 )); [ "${1:-}" = "--" ] && shift
 PY=${PYTHON:-python3}
+# one share of the cores each: N processes at torch's default (every core each) oversubscribe the CPU
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}
 mkdir -p "$out"
 for i in $(seq 1 "$workers"); do
   timeout --signal=INT --kill-after=15 "$seconds" "$PY" -m rkif bench "$grid" --out "$out" "$@" \

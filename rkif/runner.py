@@ -27,7 +27,7 @@ from rkif.config import RunConfig, library_versions
 from rkif.data import Task, load_benchmark, resolve_task_names
 from rkif.methods import Method, parse_options, resolve
 from rkif.precision import autocast, resolve_precision
-from rkif.training import train_stage
+from rkif.training import train_stage, training_device
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def build_learner(run: RunConfig, answer_tasks: list[Task]) -> tuple[Backbone, M
     method_config = parse_options(method_cls.config_class, options)
     set_seed(run.seed)
     backbone = build_backbone(run.backbone, method_cls.peft_config(method_config, run.backbone))
+    backbone.to(training_device())        # where the Trainer will train it: the untrained evaluation runs there too
     backbone.set_answer_space(answer_tasks)
     return backbone, method_cls(method_config, backbone, run)
 

@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import fields
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -20,6 +22,12 @@ from rkif.config import RunConfig
 from rkif.data import Example
 from rkif.methods import Method
 from rkif.precision import resolve_precision
+
+
+def training_device() -> torch.device:
+    """Where the Trainer trains in this process: accelerate's device (``cuda:LOCAL_RANK`` under torchrun; the
+    CPU without an accelerator or with ``ACCELERATE_USE_CPU=1``, as the Trainer reads it)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
 
 
 class MethodCallback(TrainerCallback):

@@ -16,6 +16,19 @@ from rkif.data import Example
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_a_cuda_test(request, monkeypatch):
+    """Tests compare the Trainer with plain CPU loops: on a GPU machine they train on the CPU too
+    (``ACCELERATE_USE_CPU``, read by the Trainer and ``training_device``); tests/test_cuda.py uses the GPU."""
+    from accelerate.state import AcceleratorState
+
+    if request.node.path.name != "test_cuda.py":
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    AcceleratorState._reset_state(reset_partial_state=True)       # accelerate's device is a process-wide singleton
+
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

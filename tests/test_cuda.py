@@ -66,3 +66,16 @@ def test_rkif_importance_under_fp16_is_unscaled(tiny_llama_dir, tiny_data, tmp_p
     assert seen["bf16"] and seen["fp16"]
     ratio = (sum(seen["fp16"]) / len(seen["fp16"])) / (sum(seen["bf16"]) / len(seen["bf16"]))
     assert 0.1 < ratio < 10, ratio
+
+
+def test_the_untrained_evaluation_runs_on_the_gpu(tiny_llama_dir, tiny_data, tmp_path, monkeypatch):
+    devices = []
+    real = runner.evaluate
+
+    def record(backbone, *args, **kw):
+        devices.append(backbone.device.type)
+        return real(backbone, *args, **kw)
+
+    monkeypatch.setattr(runner, "evaluate", record)
+    runner.run_experiment(config(tiny_llama_dir, tiny_data, tmp_path / "run", "seqlora", "fp32"))
+    assert devices and set(devices) == {"cuda"}

@@ -191,3 +191,17 @@ def test_a_second_cli_run_into_a_busy_output_is_refused(tiny_data, tmp_path, cap
     assert main(["run", "--data", str(tiny_data), "--tasks", "alpha", "--output", str(out)]) == 2
     assert "being written by another rkif process" in caplog.text
     assert not (out / "results.json").exists()
+
+
+def test_the_backbone_is_placed_where_the_trainer_will_train_it_before_any_evaluation(tiny_data, tmp_path,
+                                                                                     monkeypatch):
+    """On a GPU the untrained evaluation must not run on the CPU (the Trainer moves the model only when it trains)."""
+    import torch
+
+    from rkif.data import load_benchmark
+
+    monkeypatch.setattr(runner, "training_device", lambda: torch.device("meta"))
+    run = config(tiny_data, tmp_path / "run", method="seqlora")
+    tasks = load_benchmark(tiny_data, ["alpha"], None, None, "test", 7)
+    backbone, _ = runner.build_learner(run, tasks)
+    assert backbone.device.type == "meta"
