@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from rkif.backbones import FAMILIES, BackboneConfig
@@ -159,9 +160,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(config: RunConfig) -> int:
+def settings_config(**settings) -> RunConfig:
+    """The RunConfig ``rkif run`` makes of its options, given as RunConfig and BackboneConfig field names
+    (``--max-steps 5`` -> ``max_steps=5``, ``-O k=v`` -> ``method_options={"k": v}``), with the command's
+    defaults: those ``--model NAME`` implies (``MODEL_DEFAULTS``) and the output folder ``runs/main``."""
+    backbone_fields = {f.name for f in fields(BackboneConfig)}
+    run_fields = {f.name for f in fields(RunConfig)} - {"backbone"}
+    unknown = sorted(set(settings) - backbone_fields - run_fields)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}: use the field names of RunConfig and BackboneConfig")
+    model = settings.get("model", BackboneConfig.model)
+    merged = {"output": DEFAULT_OUTPUT, **MODEL_DEFAULTS.get(model, {}), **settings}
+    for key in ("tasks", "lora_targets"):               # comma-separated, as on the command line
+        if isinstance(merged.get(key), str):
+            merged[key] = merged[key].split(",")
+    backbone = BackboneConfig(**{k: v for k, v in merged.items() if k in backbone_fields})
+    return RunConfig(backbone=backbone, **{k: v for k, v in merged.items() if k in run_fields})
+
+
+def run(**settings) -> dict:
+    """``rkif run`` from Python, e.g. ``rkif.run(method="rkif", order=2, method_options={"inner_steps": 4})``.
+
+    The settings and their defaults are the command's (``settings_config``). Like the command, it
+    refuses an output folder another process is writing, resumes with ``resume=True``, writes
+    results.json, the checkpoints, the table and the plots into the output folder, and returns the
+    results (what results.json holds).
+    """
+    return run_and_report(settings_config(**settings))
+
+
+def run_and_report(config: RunConfig) -> dict:
+    """Run (or resume) ``config`` as ``rkif run`` does, write its table and plots, return its results."""
     from rkif.bench import claim
-    from rkif.report import matrix_table, report
+    from rkif.report import report
     from rkif.runner import is_main_process, run_experiment
 
     if is_main_process():          # one writer per output folder (DDP ranks share their rank 0's claim)
@@ -172,8 +203,15 @@ def _run(config: RunConfig) -> int:
             results = run_experiment(config)
     else:
         results = run_experiment(config)
-    print(matrix_table(results))
     report([config.output_dir], config.output_dir)
+    return results
+
+
+def _run(config: RunConfig) -> int:
+    from rkif.report import matrix_table
+
+    results = run_and_report(config)
+    print(matrix_table(results))
     print(f"\nresults, checkpoints and plots in {config.output_dir}")
     return 0
 

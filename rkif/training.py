@@ -31,13 +31,31 @@ def training_device() -> torch.device:
 
 
 class MethodCallback(TrainerCallback):
-    """Forwards Trainer events to ``method.on_<event>(trainer)``."""
+    """Forwards Trainer events to ``method.on_<event>(trainer)``.
 
-    def __init__(self, method: Method, trainer: Trainer):
+    A Trainer does not tell its callbacks who it is, and a method needs it (the accelerator, the
+    optimizer, ``log``): pass the Trainer here, or ``attach`` the callback to a Trainer built without it.
+    """
+
+    def __init__(self, method: Method, trainer: Trainer | None = None):
         self.method = method
         self.trainer = trainer
 
+    def attach(self, trainer: Trainer) -> Trainer:
+        """Add this callback to ``trainer`` (once) and forward that Trainer's events; returns the Trainer."""
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.trainer = trainer
+        return trainer
+
+    def check_attached(self, state) -> None:
+        """Refuse to follow a Trainer this callback was not given (``state`` is the training Trainer's)."""
+        if self.trainer is None or state is not self.trainer.state:
+            raise RuntimeError(f"{type(self).__name__} is not attached to the Trainer that trains: "
+                               "call callback.attach(trainer) before trainer.train()")
+
     def on_train_begin(self, args, state, control, **kw):
+        self.check_attached(state)
         self.method.on_train_begin(self.trainer)
 
     def on_pre_optimizer_step(self, args, state, control, **kw):

@@ -45,6 +45,11 @@ class BackboneConfig:
             self.family = infer_family(self.model)
 
 
+def named_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The trainable (LoRA) parameters of ``model``, with stable names: the only selector in rkif."""
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def lora_config(cfg: BackboneConfig, task_type: str | None = None) -> LoraConfig:
     """The paper's LoRA (r 8, alpha 32, dropout 0.05 on q and v unless configured)."""
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -102,8 +107,8 @@ class Backbone(nn.Module):
         return next(self.parameters()).device
 
     def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The trainable (LoRA) parameters, with stable names: the only selector in rkif."""
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+        """The trainable (LoRA) parameters (``named_trainable`` above)."""
+        return named_trainable(self)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_trainable())

@@ -10,22 +10,27 @@ While task k > 1 trains, every Q optimizer steps close one round b (Algorithm 1)
 3. masks: the top ``top_fraction`` of I_in and of I_out (Eq. 8);
 4. fusion: theta_{b+1} = theta_b + m_in * tau_in + m_out * tau_out (Eq. 9), written into the model.
 
-Task 1 trains plainly. Hooks used: ``on_train_begin`` (anchor, trackers, outer optimizer),
-``on_pre_optimizer_step`` / ``on_optimizer_step`` (inner importance, pre- or post-step weights),
-``on_step_end`` (close a round every Q steps), ``on_train_end`` (fuse the partial last round),
-``after_task`` (memory). Rounds count optimizer steps across epoch boundaries ("multi-round
-fusion"); ``rounds="single"`` fuses once per task (single-step fusion).
+Task 1 (any task that starts with an empty memory) trains plainly. Hooks used: ``on_train_begin``
+(anchor, trackers, outer optimizer), ``on_pre_optimizer_step`` / ``on_optimizer_step`` (inner
+importance, pre- or post-step weights), ``on_step_end`` (close a round every Q steps),
+``on_train_end`` (fuse the partial last round), ``after_task`` (memory). Rounds count optimizer
+steps across epoch boundaries ("multi-round fusion"); ``rounds="single"`` fuses once per task
+(single-step fusion).
 
 Deviations and choices, each a switch: importance uses the weights at which the gradient was
 taken (``importance_weights="pre_step"``; the release uses post-step weights); with M > 1,
 Ibar_out averages the M outer steps; the steps left after the last full round are fused as a
 shorter round (``partial_round="fuse"``; the release leaves them unfused: ``"keep"``); the outer
-loop has its own AdamW, fresh each task, at ``outer_lr`` (default: the run's lr, since the paper
+loop has its own AdamW, fresh each task, at ``outer_lr`` (default: the Trainer's lr, since the paper
 uses one lr for both loops; the release steps the inner optimizer: ``outer_optimizer="shared"``);
 one outer step is one global batch of ``outer_batch_size`` memory examples, split over DDP ranks.
 Defaults: Q = 8, M = 4 (the paper's reported full-model setting, Table 8: 8/4), a1 = a2 = 0.55,
 top 20 %, global threshold. The release variant is the
 preset ``rkif-release``; every ablation of Tables 2 and 10 is a preset below.
+
+``rkif run`` drives this class through ``ContinualTrainer``; ``rkif.RecurrentKIFCallback``
+(``rkif/callback.py``) drives the same class in a user's own Trainer, giving it the Trainer's model
+for a backbone (trainable parameters, ``collate``) and the user's memory (``examples()``, ``len``).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class RKIFConfig(MethodConfig):
     outer_steps: int = 4                 # M, memory steps per round
     outer_batch_size: int = 8            # global batch of one outer step
     outer_optimizer: str = "adamw"       # adamw | sgd | shared (the Trainer's optimizer, as the release)
-    outer_lr: float | None = None        # None: the run's (inner) lr, one lr for both loops as in the paper
+    outer_lr: float | None = None        # None: the Trainer's (inner) lr, one lr for both loops as in the paper
     alpha_in: float = 0.55               # a1 of Eq. 4 (weight of the OLD value)
     alpha_out: float = 0.55              # a2 of Eq. 7 (weight of the NEW value)
     top_fraction: float = 0.2            # Eq. 8
@@ -114,7 +119,7 @@ class RecurrentKIF(MemoryMethod):
         params = list(self.params.values())
         if self.config.outer_optimizer == "shared":
             return trainer.optimizer
-        lr = self.run.lr if self.config.outer_lr is None else self.config.outer_lr
+        lr = trainer.args.learning_rate if self.config.outer_lr is None else self.config.outer_lr
         if self.config.outer_optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr)
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
