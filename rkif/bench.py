@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from rkif import io
 from rkif.backbones import BackboneConfig
 from rkif.config import RunConfig
+from rkif.data import BENCHMARK_DEFAULTS
 from rkif.methods import parse_options, resolve
 from rkif.report import grid_report
 
@@ -94,19 +95,23 @@ def load_grid(path: Path) -> dict:
 
 
 def grid_runs(grid: dict, out: Path, data: str | None = None) -> list[RunConfig]:
-    """Every RunConfig of the grid, methods outermost (so a method's orders finish together)."""
+    """Every RunConfig of the grid, methods outermost (so a method's orders finish together). The settings
+    its benchmark implies (BENCHMARK_DEFAULTS) apply where the grid's [run] and [backbone] leave them."""
+    benchmark = grid.get("benchmark", "standard")
+    given = {**grid.get("run", {}), **grid.get("backbone", {})}
+    implied = {k: v for k, v in BENCHMARK_DEFAULTS.get(benchmark, {}).items() if k not in given}
     runs = []
     for method in grid["methods"]:
         for order in grid["orders"]:
             for seed in grid.get("seeds", [42]):
                 settings = {**grid.get("run", {}), "method": method, "order": order, "seed": seed,
-                            "benchmark": grid.get("benchmark", "standard"), "resume": True,
+                            "benchmark": benchmark, "resume": True,
                             "method_options": dict(grid.get("method_options", {}).get(method, {})),
                             "backbone": BackboneConfig(**grid.get("backbone", {})),
                             "output": str(out / "runs" / method / f"order{order}-seed{seed}")}
                 if data:
                     settings["data"] = data
-                runs.append(RunConfig(**settings))
+                runs.append(RunConfig(**settings).with_settings(**implied))
     return runs
 
 

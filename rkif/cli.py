@@ -11,7 +11,7 @@ from pathlib import Path
 from rkif.backbones import FAMILIES, BackboneConfig
 from rkif.backbones.sources import MODEL_DEFAULTS
 from rkif.config import RunConfig
-from rkif.data import DataError, default_data_root
+from rkif.data import BENCHMARK_DEFAULTS, BENCHMARKS, DataError, default_data_root
 
 DEFAULT_OUTPUT = "runs/main"
 
@@ -40,9 +40,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "or a hub name")
     p.add_argument("--family", default="auto", choices=["auto", *sorted(FAMILIES)],
                    help="model family (default: inferred from the model)")
-    p.add_argument("--data", default=None, help=f"data root (default: $RKIF_DATA or {default_data_root()})")
-    p.add_argument("--benchmark", default=d.benchmark, choices=["standard", "long"])
-    p.add_argument("--order", type=int, default=d.order, help="task order: 1-3 standard, 4-6 long")
+    p.add_argument("--data", default=None, help=f"data root (default: $RKIF_DATA or {default_data_root()}); "
+                   "for superni, your copy's folder of task folders (<task>/{train,dev,test}.json)")
+    p.add_argument("--benchmark", default=d.benchmark, choices=list(BENCHMARKS),
+                   help="standard / long (classification, exact match) or superni (generation, ROUGE-L)")
+    p.add_argument("--order", type=int, default=d.order, help="task order: 1-3 standard, 4-6 long, 1-2 superni")
     p.add_argument("--tasks", default=None, help="explicit comma-separated task list (overrides the order)")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (overrides --epochs)")
@@ -101,10 +103,12 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rkif", description="Continual learning of language models.")
     sub = parser.add_subparsers(dest="command")
-    profiles = "; ".join(f"--model {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
-                         for m, d in MODEL_DEFAULTS.items())
+    profiles = "; ".join(f"--{kind} {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                         for kind, table in (("model", MODEL_DEFAULTS), ("benchmark", BENCHMARK_DEFAULTS))
+                         for m, d in table.items())
     run_p = sub.add_parser("run", help="run one continual-learning experiment (default command)",
-                           epilog=f"Defaults an offline model implies (explicit options win): {profiles}")
+                           epilog=f"Defaults a model or benchmark implies (explicit options win, then the "
+                                  f"benchmark's): {profiles}")
     add_run_arguments(run_p)
     parser.set_defaults(run_parser=run_p)
     rep = sub.add_parser("report", help="markdown table and plots from run folders")
@@ -123,13 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` (``run`` is the default command); ``--model NAME`` with MODEL_DEFAULTS sets its defaults."""
+    """Parse ``argv`` (``run`` is the default command); ``--model NAME`` with MODEL_DEFAULTS and
+    ``--benchmark NAME`` with BENCHMARK_DEFAULTS set their defaults (the benchmark's win over the model's)."""
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     if argv[0] == "run":
         run_p = parser.get_default("run_parser")
         known, _ = run_p.parse_known_args(argv[1:])
         run_p.set_defaults(**MODEL_DEFAULTS.get(known.model, {}))
+        run_p.set_defaults(**BENCHMARK_DEFAULTS.get(known.benchmark, {}))
     return parser.parse_args(argv)
 
 

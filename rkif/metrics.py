@@ -1,14 +1,22 @@
-"""Continual-learning metrics as pure functions of the accuracy matrix.
+"""Scores of answers, and continual-learning metrics as pure functions of the score matrix.
 
-``acc[i][j]`` is the accuracy on task i after training stage j (rows = evaluated task, columns =
-after training). With one task per stage the matrix is square and stage j trains task j.
+Each task names its scorer (``Task.metric``, a key of ``SCORERS``): exact match (accuracy) for the
+classification benchmarks, ROUGE-L for SuperNI. A scorer maps one prediction and its references to
+[0, 1]; a task's score is the mean over its examples.
+
+``acc[i][j]`` is the score on task i after training stage j (rows = evaluated task, columns =
+after training): the accuracy matrix, or the ROUGE-L matrix. With one task per stage the matrix is
+square and stage j trains task j. OP, BWT, FWT and forgetting read it whatever the scorer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cache
 
 Matrix = Sequence[Sequence[float]]
+Scorer = Callable[[str, Sequence[str]], float]
+ROUGE_INSTALL = "pip install 'rkif[superni]' (the rouge-score package)"
 
 
 def exact_match(prediction: str, label: str) -> bool:
@@ -19,6 +27,46 @@ def exact_match(prediction: str, label: str) -> bool:
 def accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
     """Share of predictions that exactly match their label (case-insensitive, see ``exact_match``)."""
     return sum(exact_match(p, y) for p, y in zip(predictions, labels, strict=True)) / len(labels)
+
+
+def exact_match_any(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the prediction exactly matches one of the references (``exact_match``), else 0.0."""
+    return float(any(exact_match(prediction, r) for r in references))
+
+
+@cache
+def _rouge_l_scorer():
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:
+        raise ImportError(f"ROUGE-L needs the rouge-score package: {ROUGE_INSTALL}") from err
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure with Porter stemming, the maximum over the references (SuperNI's official
+    scorer; ``rouge-score``'s tokenizer lowercases and splits on non-alphanumerics)."""
+    scorer = _rouge_l_scorer()
+    return max(scorer.score(target=ref, prediction=prediction)["rougeL"].fmeasure for ref in references)
+
+
+SCORERS: dict[str, Scorer] = {"exact_match": exact_match_any, "rougeL": rouge_l}
+SCORER_NAMES = {"exact_match": "accuracy", "rougeL": "ROUGE-L"}
+
+
+def scorer(name: str) -> Scorer:
+    """The scorer called ``name``, checked to be usable now (its package installed)."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown metric {name!r}: choose from {', '.join(SCORERS)}")
+    if name == "rougeL":
+        _rouge_l_scorer()
+    return SCORERS[name]
+
+
+def score(name: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Mean of the ``name`` scorer over examples (each prediction against its own references)."""
+    fn = scorer(name)
+    return sum(fn(p, refs) for p, refs in zip(predictions, references, strict=True)) / len(references)
 
 
 def overall_performance(acc: Matrix) -> float:

@@ -4,7 +4,7 @@
         learn_stage: data = method.before_task(j, ...)
                      ContinualTrainer(backbone, data, method).train()
                      method.after_task(j, ...)
-        evaluate every task -> column j of the accuracy matrix
+        evaluate every task -> column j of the score matrix (each task's metric: accuracy, ROUGE-L)
         save adapter + method state (safetensors + JSON), write results.json (atomic)
 
 The runner never names a method: everything method-specific happens in the method's hooks.
@@ -58,8 +58,8 @@ def tasks_to_evaluate(stages: list[list[Task]], j: int, scope: str) -> set[str] 
 
 def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
              only: set[str] | None = None, precision: str = "fp32") -> list[float | None]:
-    """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``),
-    under the run's ``precision`` (autocast for bf16/fp16)."""
+    """Score of the current model on every task's evaluation split (None: not in ``only``), by the task's
+    metric (exact match, ROUGE-L: ``rkif.metrics``), under the run's ``precision`` (autocast for bf16/fp16)."""
     accs: list[float | None] = []
     device_type = backbone.device.type
     precision = resolve_precision(precision, device_type)
@@ -70,7 +70,7 @@ def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
         examples = task.split(split)
         with autocast(precision, device_type):
             answers = backbone.predict(examples, desc=f"{desc} {task.name}")
-        accs.append(metrics.accuracy(answers, [ex.output for ex in examples]))
+        accs.append(metrics.score(task.metric, answers, [ex.answers for ex in examples]))
     return accs
 
 
@@ -88,7 +88,10 @@ def build_learner(run: RunConfig, answer_tasks: list[Task]) -> tuple[Backbone, M
 def build(run: RunConfig) -> tuple[list[Task], Backbone, Method]:
     """Tasks, backbone (answer space set) and method of a run."""
     names = resolve_task_names(Path(run.data), run.benchmark, run.order, run.tasks)
-    tasks = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed)
+    tasks = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed,
+                           run.benchmark)
+    for task in tasks:                    # an unknown metric or a missing scorer package fails before the model loads
+        metrics.scorer(task.metric)
     return (tasks, *build_learner(run, tasks))
 
 
@@ -160,6 +163,7 @@ def _results(run, method_config, tasks, stages, columns, initial, extra) -> dict
         "benchmark": run.benchmark if not run.tasks else "custom",
         "order": run.order if not run.tasks else None,
         "tasks": [t.name for t in tasks], "stages": [[t.name for t in s] for s in stages],
+        "metrics": [t.metric for t in tasks],       # the scorer of each row: "accuracy" holds its scores
         "accuracy": matrix, "initial_accuracy": initial,
         "op": summary.get("op"), "bwt": summary.get("bwt"), "fwt": summary.get("fwt"),
         "forgetting": summary.get("forgetting"), "precision_used": resolve_precision(run.precision),
@@ -195,7 +199,7 @@ def run_experiment(run: RunConfig) -> dict:
         logger.info("resuming %s after stage %d/%d", out, len(columns), len(stages))
     else:
         initial = evaluate(backbone, tasks, run.eval_split, "eval (untrained)", precision=run.precision)
-        logger.info("untrained accuracy: %s", _fmt(tasks, initial))
+        logger.info("untrained score: %s", _fmt(tasks, initial))
 
     for j in range(len(columns), len(stages)):
         start = time.perf_counter()

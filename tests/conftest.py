@@ -55,6 +55,54 @@ def write_tasks(root: Path, spec: dict[str, tuple[list[str], int, int]]) -> Path
     return root
 
 
+def superni_task(name: str, n: int, single_output: bool = False, split: str = "train") -> dict:
+    """A synthetic SuperNI task JSON in the exact published format (the keys of a natural-instructions task
+    file; ``Instances`` of ``{id, input, output}``, ``output`` a list of references, or one string as in
+    task363/875/1687 when ``single_output``). The answer is the colour named in the input; every other
+    instance has a second reference."""
+    colours = ["red", "blue", "green", "yellow"]
+    number = name.split("_")[0].removeprefix("task")
+    instances = []
+    for i in range(n):
+        colour = colours[i % len(colours)]
+        refs = [f"the {colour} one"] + ([colour] if i % 2 else [])
+        instances.append({"id": f"task{number}-{split}{i:04d}",
+                          "input": f"Item {i} of {name} is painted {colour} and stands in row {i % 3}.",
+                          "output": refs[0] if single_output else refs})
+    return {
+        "Contributors": ["rkif tests"], "Source": ["synthetic"], "URL": ["https://example.org/synthetic"],
+        "Categories": ["Answer Generation"], "Reasoning": [], "Definition": [
+            f"  In this task ({name}) you are given a sentence about an item. Name the item's colour.  "],
+        "Input_language": ["English"], "Output_language": ["English"], "Instruction_language": ["English"],
+        "Domains": ["Synthetic"],
+        "Positive Examples": [{"input": "A box is painted red.", "output": "the red one", "explanation": "red"}],
+        "Negative Examples": [{"input": "A box is painted red.", "output": "blue", "explanation": "wrong colour"}],
+        "Instances": instances,
+        "Instance License": ["CC BY 4.0"],
+    }
+
+
+def write_superni(root: Path, spec: dict[str, tuple[int, int]], single_output: tuple[str, ...] = ()) -> Path:
+    """SAPT's layout, ``ROOT/<task>/{train,dev,test}.json`` for ``{name: (n_train, n_test)}``; dev.json and
+    test.json are byte-identical, as in the published copy."""
+    for name, (n_train, n_test) in spec.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        single = name in single_output
+        (folder / "train.json").write_text(json.dumps(superni_task(name, n_train, single, "train"), indent=2))
+        test = json.dumps(superni_task(name, n_test, single, "test"), indent=2)
+        (folder / "dev.json").write_text(test)
+        (folder / "test.json").write_text(test)
+    return root
+
+
+@pytest.fixture
+def superni_data(tmp_path) -> Path:
+    return write_superni(tmp_path / "superni", {"task901_synthetic_colour": (8, 4),
+                                                "task902_synthetic_paint": (8, 4)},
+                         single_output=("task902_synthetic_paint",))
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return write_tasks(tmp_path / "data", {

@@ -120,3 +120,46 @@ def test_summarize_non_square():
     assert res["op"] == pytest.approx(0.8)
     assert res["bwt"] is None and res["fwt"] is None
     assert res["forgetting"] == [None, None, None]
+
+
+# -- ROUGE-L (SuperNI's metric): F = 2PR / (P + R) with P = LCS / len(prediction), R = LCS / len(reference),
+# over rouge-score's tokens (lowercased, split on non-alphanumerics), Porter-stemmed when longer than 3 characters.
+
+def test_rouge_l_hand_computed():
+    from rkif.metrics import rouge_l
+
+    assert rouge_l("the cat sat", ["the cat sat"]) == pytest.approx(1.0)
+    assert rouge_l("The Cat, sat!", ["the cat sat"]) == pytest.approx(1.0)          # case and punctuation
+    # LCS("b a c", "a b c") = 2: P = R = 2/3
+    assert rouge_l("b a c", ["a b c"]) == pytest.approx(2 / 3)
+    # LCS = 3 of 3 predicted and 4 reference tokens: P = 1, R = 3/4, F = 2 * 3/4 / (7/4) = 6/7
+    assert rouge_l("the cat sat", ["the cat sat down"]) == pytest.approx(6 / 7)
+    assert rouge_l("", ["the cat sat"]) == 0.0
+    assert rouge_l("dog", ["the cat sat"]) == 0.0
+
+
+def test_rouge_l_stems():
+    from rkif.metrics import rouge_l
+
+    # stemmed: [a, cat, run] vs [the, cat, are, run]: LCS 2, P = 2/3, R = 2/4, F = 4/7; unstemmed no word is shared
+    assert rouge_l("a cat runs", ["the cats are running"]) == pytest.approx(4 / 7)
+
+
+def test_rouge_l_takes_the_best_reference():
+    from rkif.metrics import rouge_l
+
+    # 0 against the first reference, 6/7 against the second, 2/3 against the third: the maximum
+    assert rouge_l("the cat sat", ["a dog ran", "the cat sat down", "cat sat on"]) == pytest.approx(6 / 7)
+    assert rouge_l("the cat sat", ["the cat sat down", "the cat sat"]) == pytest.approx(1.0)
+
+
+def test_score_is_the_mean_of_the_task_metric():
+    from rkif.metrics import accuracy, score
+
+    preds, refs = ["the cat sat", "b a c", "x"], [["the cat sat down"], ["a b c"], ["y", "z"]]
+    assert score("rougeL", preds, refs) == pytest.approx((6 / 7 + 2 / 3 + 0) / 3)
+    # exact match: the best reference counts; with one reference each it is the paper's accuracy
+    assert score("exact_match", ["Yes", "no", "maybe"], [["yes"], ["yes", "No "], ["no"]]) == pytest.approx(2 / 3)
+    assert score("exact_match", ["Yes", "no"], [["yes"], ["yes"]]) == accuracy(["Yes", "no"], ["yes", "yes"])
+    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+        score("bleu", preds, refs)

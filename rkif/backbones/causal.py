@@ -6,18 +6,23 @@ Token layout of one example (``prompt_format``):
 - ``chat``: the tokenizer's chat template around ``instruction + input`` as the user turn
   (generation prompt included), then ``label + EOS`` as the assistant's answer.
 
+In ``raw`` a prompt that ends in a space (SuperNI's ``"Output: "``) leaves that space to the answer, whose
+tokens start with it: the model reads ``"Output: answer"`` tokenized as a BPE tokenizer writes it.
+
 A prompt longer than ``max_length`` tokens keeps its instruction (the options), the head of its input
 and the input's last ``TAIL_TOKENS`` tokens (the benchmark's "Answer:" cue), cutting the middle.
 
 Answers (``answer_mode``):
 
 - ``generate`` (default, the paper's protocol): greedy decoding, stopped at EOS and after the longest
-  answer of the run's tasks (its tokens + EOS), so an answer cannot run away; exact match is scored
-  on the decoded string. Batches are sorted by prompt length, so little padding is decoded.
+  answer of the run's tasks (its tokens + EOS, at most ``max_target_length`` + 1), so an answer cannot
+  run away; the task's metric (exact match, ROUGE-L) scores the decoded string. Batches are sorted by
+  prompt length, so little padding is decoded.
 - ``rank``: rank classification, the candidate with the highest log-likelihood (answer tokens + EOS,
   summed) given the prompt; candidates are every label of the run (``answer_space="all"``) or the
   example's task's labels (``"task"``). The prompt runs once; its key/value cache is repeated for the
-  candidates, so C candidates cost one prompt pass and C short answer passes.
+  candidates, so C candidates cost one prompt pass and C short answer passes. Tasks with free-text
+  answers (SuperNI) have no candidates to rank: refused.
 """
 
 from __future__ import annotations
@@ -90,7 +95,8 @@ class CausalBackbone(Backbone):
         """The prompt's tokens, at most ``max_length``: the middle of a long input is cut (see module doc)."""
         key = (ex.instruction, ex.input, self.config.max_length)
         if key not in self._prompt_cache:
-            instruction, text = self._encode(ex.instruction), self._encode(ex.input)
+            text = ex.input.removesuffix(" ") if self.config.prompt_format == "raw" else ex.input
+            instruction, text = self._encode(ex.instruction), self._encode(text)
             budget = self.config.max_length - len(self.prefix) - len(self.suffix) - len(instruction)
             if len(text) > budget:
                 if budget < 2 * TAIL_TOKENS:
@@ -107,6 +113,10 @@ class CausalBackbone(Backbone):
 
     def set_answer_space(self, tasks: list[Task]) -> None:
         """Cap generation at the longest answer of the run (tokens + EOS); rank mode's candidate labels."""
+        free = [t.name for t in tasks if t.free_text]
+        if free and self.config.answer_mode == "rank":
+            raise ValueError(f"--answer-mode rank ranks a closed label set; task(s) {free[:3]} have free-text "
+                             "answers: use --answer-mode generate")
         self.candidates = sorted({label for t in tasks for label in t.labels})
         index = {c: i for i, c in enumerate(self.candidates)}
         self.task_candidates = {t.name: [index[label] for label in t.labels] for t in tasks}

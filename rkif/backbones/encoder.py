@@ -52,6 +52,10 @@ class EncoderBackbone(Backbone):
         self._frozen_cands: torch.Tensor | None = None      # candidate embeddings during predict()
 
     def set_answer_space(self, tasks: list[Task]) -> None:
+        free = [t.name for t in tasks if t.free_text]
+        if free:
+            raise ValueError(f"the encoder family chooses among labels; task(s) {free[:3]} have free-text answers: "
+                             "use a generative --family (causal or seq2seq)")
         self.candidates = sorted({label for t in tasks for label in t.labels})
         self.label_index = {c: i for i, c in enumerate(self.candidates)}
         self.task_options = {t.name: [self.label_index[label] for label in t.labels] for t in tasks}

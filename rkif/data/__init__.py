@@ -1,5 +1,9 @@
 """Benchmark data: tasks, splits, label sets, task orders, subsampling and the replay memory.
 
+Benchmarks (``--benchmark``): ``standard`` and ``long`` read the layout below; ``superni`` reads a user's
+SuperNI copy in SAPT's layout (``rkif.data.superni``). Every loader returns the same ``Task``/``Example``
+objects; a task names the metric it is scored with (``Task.metric``, see ``rkif.metrics``).
+
 Layout of a data root (the Long Sequence benchmark's, also accepted for a user's own tasks)::
 
     ROOT/long_sequence/{train,dev,test}/<task>.json     # or ROOT/{train,dev,test}/<task>.json(l)
@@ -25,6 +29,10 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 STANDARD_ORDERS = (1, 2, 3)
 LONG_ORDERS = (4, 5, 6)
+BENCHMARKS = ("standard", "long", "superni")
+# Run settings a benchmark implies on the command line (explicit options win; they win over MODEL_DEFAULTS):
+# SuperNI's published lengths (max source 512, max generation 50 tokens).
+BENCHMARK_DEFAULTS: dict[str, dict[str, object]] = {"superni": {"max_length": 512, "max_target_length": 50}}
 
 
 class DataError(ValueError):
@@ -33,26 +41,41 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One instruction-following classification example."""
+    """One instruction-following example: ``output`` is the training target.
+
+    ``references`` holds every acceptable answer when there are several (SuperNI); empty means the
+    single reference ``output``. Scores are the maximum over ``answers``.
+    """
 
     task: str
     input: str
     output: str
     instruction: str = ""
+    references: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "references", tuple(self.references))   # a JSON list (memory state) too
 
     @property
     def prompt(self) -> str:
         """The source text a model reads: instruction followed by input."""
         return self.instruction + self.input
 
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The reference answers a prediction is scored against."""
+        return self.references or (self.output,)
+
 
 @dataclass
 class Task:
-    """A task: its name, its splits and the label strings of its train split."""
+    """A task: its name, its splits, the label strings of its train split and how it is scored."""
 
     name: str
     splits: dict[str, list[Example]] = field(default_factory=dict)
     label_set: list[str] | None = None   # fixed from the full train split, before any subsampling
+    metric: str = "exact_match"          # a name in rkif.metrics.SCORERS
+    free_text: bool = False              # answers are free text, not a closed label set: generation only
 
     @property
     def labels(self) -> list[str]:
@@ -160,10 +183,14 @@ def load_orders(root: Path) -> dict[int, list[str]]:
 
 def resolve_task_names(root: Path, benchmark: str = "standard", order: int = 1,
                        tasks: list[str] | None = None) -> list[str]:
-    """The task sequence: an explicit list, or order N of the standard (1-3) / long (4-6) benchmark.
+    """The task sequence: an explicit list, or order N of the standard (1-3) / long (4-6) / superni (1-2)
+    benchmark.
 
     For ``long`` an order of 1-3 is read as the benchmark's 1st-3rd long order (4-6).
     """
+    if benchmark == "superni":
+        from rkif.data import superni
+        return superni.resolve_task_names(Path(root), order, tasks)
     known = available_tasks(root)
     if tasks:
         names = list(tasks)
@@ -173,7 +200,7 @@ def resolve_task_names(root: Path, benchmark: str = "standard", order: int = 1,
             order += 3
         allowed = {"standard": STANDARD_ORDERS, "long": LONG_ORDERS}.get(benchmark)
         if allowed is None:
-            raise DataError(f"unknown benchmark {benchmark!r}: use standard or long")
+            raise DataError(f"unknown benchmark {benchmark!r}: use one of {', '.join(BENCHMARKS)}")
         if order not in allowed or order not in orders:
             raise DataError(f"unknown order {order} for the {benchmark} benchmark "
                             f"(known: {sorted(set(allowed) & set(orders))})")
@@ -213,9 +240,12 @@ def stratified_subsample(examples: list[Example], size: int | None, seed: int) -
 
 def load_benchmark(root: Path, names: list[str], train_size: int | None = None,
                    test_size: int | None = None, eval_split: str = "test",
-                   seed: int = 42) -> list[Task]:
+                   seed: int = 42, benchmark: str = "standard") -> list[Task]:
     """Load and subsample every task of a run. Subsampling depends only on (seed, task name)."""
     root = Path(root)
+    if benchmark == "superni":
+        from rkif.data import superni
+        return superni.load_benchmark(root, names, train_size, test_size, eval_split, seed)
     tasks = []
     for name in names:
         task = load_task(root, name, ("train", eval_split))
