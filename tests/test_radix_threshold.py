@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rkif.kif.masks import binary_masks, kth_largest, linear_quantile, order_statistics, top_fraction_threshold
+from tests.threshold_worker import scores
 
 WORKER = Path(__file__).with_name("threshold_worker.py")
 
@@ -96,9 +97,6 @@ def test_sharded_threshold_two_gloo_processes_equals_one_process(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    sys.path.insert(0, str(WORKER.parent))
-    from threshold_worker import scores
-
     full = scores()
     x = torch.cat([t.reshape(-1) for t in full.values()])
     n = x.numel()
