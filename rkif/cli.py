@@ -175,7 +175,7 @@ def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
     if args.command == "bench":
         return "the finished runs are kept; continue with: rkif " + shlex.join(argv)
     if args.command != "run":
-        return "nothing was changed"
+        return "run the same command again to finish it"
     again = argv if argv and argv[0] == "run" else ["run", *argv]
     if "--resume" not in again:
         again = [*again, "--resume"]

@@ -157,7 +157,7 @@ def report(paths: list[Path], out: Path | None = None) -> str:
     paths = list({_results_file(Path(p)).resolve(): Path(p) for p in paths}.values())    # a run given twice: once
     results, labels = load_results(paths), run_labels(paths)
     out = out or default_report_dir(paths)
-    out.mkdir(parents=True, exist_ok=True)
+    io.check_output_dir(out, "--out")
     for r, label in zip(results, labels):
         plot_matrix(r, out / f"matrix_{_file_name(label)}.png", label)
         plot_rounds(r, out / f"rounds_{_file_name(label)}.png", label)

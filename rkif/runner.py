@@ -172,6 +172,9 @@ def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
 def check_checkpoint(out: Path, stage: int) -> None:
     """Refuse a checkpoint whose files are missing or differ from the checksums saved with it, naming the file."""
     ckpt = out / "checkpoints" / f"stage_{stage}"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: checkpoint not found (needed to resume after stage {stage + 1}; "
+                                "copy it back or start the run again with another --output)")
     if not io.verify_checksums(ckpt):
         logger.warning("%s: saved without checksums (by an older rkif); loading it unchecked", ckpt)
 

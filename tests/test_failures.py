@@ -125,6 +125,10 @@ def test_checkpoints_carry_checksums_and_a_damaged_one_is_refused_by_name(tiny_d
     real_build = runner.build
     monkeypatch.setattr(runner, "build", lambda run: pytest.fail("the model was loaded"))   # refused before
 
+    ckpt.rename(ckpt.with_name("moved"))
+    with pytest.raises(FileNotFoundError, match=r"stage_0: checkpoint not found"):
+        runner.run_experiment(make(resume=True))
+    ckpt.with_name("moved").rename(ckpt)
     adapter.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))            # one bit flipped, same size
     with pytest.raises(ValueError, match=r"stage_0/adapter.safetensors: checkpoint corrupted"):
         runner.run_experiment(make(resume=True))
@@ -172,6 +176,22 @@ def test_ctrl_c_stops_with_the_command_that_continues(tiny_data, tmp_path, monke
     caplog.clear()
     assert main(command[1:]) == 0                                            # the printed command continues it
     assert json.loads((out / "results.json").read_text())["complete"]
+
+
+def test_ctrl_c_in_a_grid_prints_the_command_that_continues_it(tmp_path, monkeypatch, caplog):
+    from tests.test_bench import TINY_GRID
+
+    grid = tmp_path / "tiny.toml"
+    grid.write_text(TINY_GRID)
+
+    def interrupted(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_experiment", interrupted)
+    args = ["bench", str(grid), "--out", str(tmp_path / "out"), "--data", str(tmp_path)]
+    assert main(args) == 130
+    _one_line_without_traceback(caplog, "continue with: rkif " + shlex.join(args))
+    assert not list((tmp_path / "out").rglob(".lock"))
 
 
 # -- resume: settings compared after normalising -------------------------------------------------------------------
@@ -255,3 +275,11 @@ def test_report_without_out_never_writes_into_the_run_folder(tmp_path, monkeypat
     assert sorted(p.name for p in run.iterdir()) == ["results.json", "table.md"]
     assert (tmp_path / "reports" / "main" / "table.md").exists()
     assert "written to reports/main" in capsys.readouterr().out
+
+
+def test_report_out_that_is_a_file_is_one_line(tmp_path, caplog):
+    run = _write_run(tmp_path / "run", _results())
+    (tmp_path / "taken").write_text("keep")
+    assert main(["report", str(run), "--out", str(tmp_path / "taken")]) == 2
+    _one_line_without_traceback(caplog, f"--out {tmp_path / 'taken'}: is a file")
+    assert (tmp_path / "taken").read_text() == "keep"
