@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from rkif import io
 from rkif.backbones import FAMILIES, BackboneConfig
 from rkif.backbones.sources import MODEL_DEFAULTS
 from rkif.config import RunConfig
 from rkif.data import BENCHMARK_DEFAULTS, BENCHMARKS, DataError, default_data_root
 
 DEFAULT_OUTPUT = "runs/main"
+# what a user can cause (bad input, files, models, checkpoints): one line; anything else keeps its traceback
+USER_ERRORS = (DataError, OSError, ValueError, KeyError, ImportError)
+DEBUG_ENV = "RKIF_DEBUG"
 
 
 def _size(text: str) -> int | None:
@@ -103,18 +109,24 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rkif", description="Continual learning of language models.")
     sub = parser.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1); errors are one line otherwise")
     profiles = "; ".join(f"--{kind} {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                          for kind, table in (("model", MODEL_DEFAULTS), ("benchmark", BENCHMARK_DEFAULTS))
                          for m, d in table.items())
-    run_p = sub.add_parser("run", help="run one continual-learning experiment (default command)",
+    run_p = sub.add_parser("run", parents=[common], help="run one continual-learning experiment (default command)",
                            epilog=f"Defaults a model or benchmark implies (explicit options win, then the "
                                   f"benchmark's): {profiles}")
     add_run_arguments(run_p)
     parser.set_defaults(run_parser=run_p)
-    rep = sub.add_parser("report", help="markdown table and plots from run folders")
+    rep = sub.add_parser("report", parents=[common], help="markdown table and plots from run folders")
     rep.add_argument("dirs", nargs="+", help="run folders (or results.json files)")
-    rep.add_argument("--out", default=None, help="where to write table.md and PNGs (default: the first folder)")
-    bench_p = sub.add_parser("bench", help="run a grid (methods x orders x seeds) into one table, resumably")
+    rep.add_argument("--out", default=None,
+                     help="where to write table.md and PNGs (default: reports/<run names>; never a run folder "
+                          "unless given here)")
+    bench_p = sub.add_parser("bench", parents=[common],
+                             help="run a grid (methods x orders x seeds) into one table, resumably")
     bench_p.add_argument("config", help="grid file (TOML), e.g. benchmarks/standard.toml")
     bench_p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<name>)")
     bench_p.add_argument("--data", default=None, help="data root (default: the grid's, $RKIF_DATA or ../shared/data)")
@@ -141,29 +153,66 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_args(parser, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log = logging.getLogger("rkif")
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        if args.command == "run":
-            return _run(config_from_args(args))
-        if args.command == "bench":
-            from rkif.bench import bench
-            only = args.methods.split(",") if args.methods else None
-            orders = [int(o) for o in args.orders.split(",")] if args.orders else None
-            table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
-                                  only, orders)
-            print(table)
-            return 1 if failed else 0
-        if args.command == "report":
-            from rkif.report import report
-            print(report([Path(d) for d in args.dirs], Path(args.out) if args.out else None))
-            return 0
-        from rkif.methods import available
-        print("\n".join(available()))
-        return 0
-    except (DataError, FileExistsError, FileNotFoundError, ValueError, KeyError, ImportError) as err:
-        logging.getLogger("rkif").error("%s", err)
+        return _command(args)
+    except KeyboardInterrupt:
+        log.error("interrupted; %s", _how_to_continue(args, argv))
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            log.exception("%s", _one_line(err))
+        else:
+            log.error("%s", _one_line(err))
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line (a KeyError's without its quotes)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
+def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
+    """The command that continues an interrupted ``run`` (or ``bench``): the same one with --resume."""
+    if args.command == "bench":
+        return "the finished runs are kept; continue with: rkif " + shlex.join(argv)
+    if args.command != "run":
+        return "run the same command again to finish it"
+    again = argv if argv and argv[0] == "run" else ["run", *argv]
+    if "--resume" not in again:
+        again = [*again, "--resume"]
+    if not any(a == "--output" or a.startswith("--output=") for a in again):
+        again = [*again, "--output", args.output]
+    return f"the finished tasks are saved in {args.output}; continue with: rkif {shlex.join(again)}"
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors propagate to ``main``."""
+    if args.command == "run":
+        return _run(config_from_args(args))
+    if args.command == "bench":
+        from rkif.bench import bench
+        only = args.methods.split(",") if args.methods else None
+        orders = [int(o) for o in args.orders.split(",")] if args.orders else None
+        table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
+                              only, orders)
+        print(table)
+        return 1 if failed else 0
+    if args.command == "report":
+        from rkif.report import default_report_dir, report
+        dirs = [Path(d) for d in args.dirs]
+        out = Path(args.out) if args.out else default_report_dir(dirs)
+        print(report(dirs, out))
+        print(f"\ntable.md and plots written to {out}")
+        return 0
+    from rkif.methods import available
+    print("\n".join(available()))
+    return 0
 
 
 def settings_config(**settings) -> RunConfig:
@@ -202,6 +251,7 @@ def run_and_report(config: RunConfig) -> dict:
     from rkif.runner import is_main_process, run_experiment
 
     if is_main_process():          # one writer per output folder (DDP ranks share their rank 0's claim)
+        io.check_output_dir(config.output_dir)          # a file or a read-only folder: refused before the model loads
         with claim(config.output_dir) as mine:
             if not mine:
                 raise FileExistsError(f"{config.output_dir} is being written by another rkif process "

@@ -1,14 +1,22 @@
-"""Atomic, safe writes: JSON for results, safetensors for weights (temp file + rename)."""
+"""Atomic, safe writes: JSON for results, safetensors for weights (temp file + rename); checksummed
+checkpoint folders; the checks that an output folder is writable and a results file is whole."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+CHECKSUMS = "checkpoint.json"
+# what every rkif results.json holds (resuming and reporting read these)
+RESULT_KEYS = ("method", "model", "order", "tasks", "stages", "accuracy", "initial_accuracy", "op", "bwt", "fwt",
+               "finished_stages", "complete", "config")
 
 
 def _atomic(path: Path, write) -> None:
@@ -51,4 +59,73 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found (needed to resume; delete the run's "
                                 "results.json to start it over)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: unreadable checkpoint, truncated or corrupted ({err}); "
+                         "start the run again with another --output") from err
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path, names: list[str]) -> None:
+    """Record the SHA-256 of the files ``names`` of a checkpoint ``folder`` in its ``checkpoint.json``
+    (written last: a checkpoint without it is one whose writing was cut)."""
+    folder = Path(folder)
+    write_json(folder / CHECKSUMS, {"sha256": {name: sha256(folder / name) for name in names}})
+
+
+def verify_checksums(folder: Path) -> bool:
+    """Refuse a checkpoint file that is missing or whose bytes differ from its recorded SHA-256, naming it.
+
+    Returns False for a checkpoint written before checksums were recorded (nothing to compare).
+    """
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return False
+    recorded = read_json(folder / CHECKSUMS).get("sha256")
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{folder / CHECKSUMS}: no 'sha256' table; start the run again with another --output")
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found (needed to resume; delete the run's "
+                                    "results.json to start it over)")
+        if sha256(path) != digest:
+            raise ValueError(f"{path}: checkpoint corrupted or truncated (its SHA-256 differs from the one in "
+                             f"{CHECKSUMS}); start the run again with another --output")
+    return True
+
+
+def read_results(path: Path, fix: str = "move it away or choose another --output") -> dict:
+    """A run's results.json, refused (naming the file, the missing keys and ``fix``) unless it holds RESULT_KEYS."""
+    results = read_json(path)
+    missing = [k for k in RESULT_KEYS if k not in results] if isinstance(results, dict) else list(RESULT_KEYS)
+    if missing:
+        raise ValueError(f"{path}: not an rkif results file, missing {', '.join(missing)}; {fix}")
+    return results
+
+
+def check_output_dir(path: Path, option: str = "--output") -> None:
+    """Make sure ``path`` is (or can become) a folder this process can write, by creating it and a temporary
+    file in it; one line naming the folder otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path}: is a file, not a folder; choose another {option}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".rkif-write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        raise PermissionError(f"{option} {path}: cannot write there{where}: {reason}; "
+                              f"choose another {option}") from err

@@ -23,23 +23,54 @@ def score_name(r: dict) -> str:
     return " / ".join(names)
 
 
+def _results_file(path: Path) -> Path:
+    return path / "results.json" if path.is_dir() else path
+
+
 def load_results(paths: list[Path]) -> list[dict]:
+    """The results.json of each run folder (or file), each checked to be a whole rkif results file."""
     out = []
     for p in paths:
-        f = p / "results.json" if p.is_dir() else p
-        if not f.exists():
-            raise FileNotFoundError(f"no results.json in {p}")
-        out.append(io.read_json(f))
+        f = _results_file(Path(p))
+        if not f.is_file():
+            raise FileNotFoundError(f"{p}: no results.json (not a run folder, or no task of it has finished yet)")
+        out.append(io.read_results(f, fix="leave it out of the report"))
     return out
 
 
-def summary_table(results: list[dict]) -> str:
-    """One row per run: method, order, OP, BWT, FWT (percent), minutes."""
-    lines = ["| method | order | OP | BWT | FWT | minutes |", "|---|---|---|---|---|---|"]
-    for r in results:
+def run_labels(paths: list[Path]) -> list[str]:
+    """A distinct name per run: its folder's name, with parent folders put before it where runs share a name
+    (``rkif/order1-seed42`` and ``replay/order1-seed42``)."""
+    parts = [_results_file(Path(p)).resolve().parent.parts[1:] for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        labels = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+        grow = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not grow:
+            return labels
+        for i in grow:
+            depth[i] += 1
+
+
+def _file_name(label: str) -> str:
+    return label.replace("/", "_")
+
+
+def default_report_dir(paths: list[Path]) -> Path:
+    """Where ``rkif report`` writes without ``--out``: ``reports/<run names>`` (never a run folder)."""
+    labels = [_file_name(label) for label in run_labels(paths)]
+    name = "+".join(labels) if len(labels) <= 3 else f"{labels[0]}+{len(labels) - 1}-more"
+    return Path("reports") / name
+
+
+def summary_table(results: list[dict], labels: list[str] | None = None) -> str:
+    """One row per run: run (folder name), method, order, OP, BWT, FWT (percent), minutes."""
+    labels = labels or [r["method"] for r in results]
+    lines = ["| run | method | order | OP | BWT | FWT | minutes |", "|---|---|---|---|---|---|---|"]
+    for label, r in zip(labels, results):
         done = "" if r["complete"] else f" ({r['finished_stages']}/{len(r['stages'])} stages)"
-        lines.append(f"| {r['method']}{done} | {r['order']} | {_pct(r['op'])} | {_pct(r['bwt'])} | "
-                     f"{_pct(r['fwt'])} | {r['seconds'] / 60:.1f} |")
+        lines.append(f"| {label} | {r['method']}{done} | {r['order']} | {_pct(r['op'])} | {_pct(r['bwt'])} | "
+                     f"{_pct(r['fwt'])} | {r.get('seconds', 0.0) / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -55,8 +86,8 @@ def matrix_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_matrix(r: dict, path: Path) -> None:
-    """Heatmap of the accuracy matrix."""
+def plot_matrix(r: dict, path: Path, title: str | None = None) -> None:
+    """Heatmap of the accuracy matrix (blank where a cell was not evaluated)."""
     acc = r["accuracy"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(acc[0]), 1 + 0.5 * len(acc)))
     cells = [[float("nan") if a is None else a for a in row] for row in acc]   # not evaluated: blank
@@ -70,22 +101,31 @@ def plot_matrix(r: dict, path: Path) -> None:
             ax.text(j, i, f"{100 * a:.0f}", ha="center", va="center", color="w" if a < 0.6 else "k", fontsize=8)
     ax.set_xlabel("after training stage")
     ax.set_ylabel("evaluated task")
-    ax.set_title(f"{r['method']}: {score_name(r)} (%)")
+    ax.set_title(f"{title or r['method']}: {score_name(r)} (%)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_final_accuracy(results: list[dict], path: Path) -> None:
-    """Final per-task accuracy of every run, grouped bars (the paper's Figure 4)."""
+def _final_column(r: dict) -> list[float | None]:
+    """Accuracy of every task after the last finished stage (None: not evaluated then)."""
+    return [row[-1] if row else None for row in r["accuracy"]]
+
+
+def plot_final_accuracy(results: list[dict], path: Path, labels: list[str] | None = None) -> None:
+    """Final per-task accuracy of runs over the same tasks, grouped bars (the paper's Figure 4); a task a run
+    has not been evaluated on (half-finished, or ``seen+next``) gets no bar."""
     tasks = results[0]["tasks"]
+    if any(r["tasks"] != tasks for r in results):
+        raise ValueError("plot_final_accuracy: the runs have different task lists; plot each list apart")
+    labels = labels or [r["method"] for r in results]
     width = 0.8 / len(results)
     fig, ax = plt.subplots(figsize=(2 + 1.2 * len(tasks), 4))
-    for k, r in enumerate(results):
-        final = {t: row[-1] for t, row in zip(r["tasks"], r["accuracy"])}
-        ax.bar([i + k * width for i in range(len(tasks))], [100 * final.get(t, 0) for t in tasks],
-               width, label=f"{r['method']} (OP {_pct(r['op'])})")
+    for k, (label, r) in enumerate(zip(labels, results)):
+        cells = [(i + k * width, 100 * a) for i, a in enumerate(_final_column(r)) if a is not None]
+        state = f"OP {_pct(r['op'])}" if r["complete"] else f"{r['finished_stages']}/{len(r['stages'])} stages"
+        ax.bar([x for x, _ in cells], [h for _, h in cells], width, label=f"{label} ({state})")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylabel(f"final {score_name(results[0])} (%)")
     ax.legend(fontsize=8)
@@ -94,7 +134,7 @@ def plot_final_accuracy(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_rounds(r: dict, path: Path) -> bool:
+def plot_rounds(r: dict, path: Path, title: str | None = None) -> bool:
     """Recurrent-KIF diagnostics per fusion round: mask regions, stability of I_out, share of the update kept."""
     rounds = (r.get("diagnostics") or {}).get("rounds") or []
     if not rounds:
@@ -111,7 +151,7 @@ def plot_rounds(r: dict, path: Path) -> bool:
     a2.set_xlabel("fusion round")
     a2.set_ylim(bottom=0)
     a2.legend(fontsize=8)
-    fig.suptitle(f"{r['method']}: knowledge identification per round")
+    fig.suptitle(f"{title or r['method']}: knowledge identification per round")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -119,16 +159,25 @@ def plot_rounds(r: dict, path: Path) -> bool:
 
 
 def report(paths: list[Path], out: Path | None = None) -> str:
-    """Write heatmaps, the final-accuracy plot and table.md; return the markdown table."""
-    results = load_results(paths)
-    out = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
-    out.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        tag = f"{r['method']}_order{r['order']}"
-        plot_matrix(r, out / f"matrix_{tag}.png")
-        plot_rounds(r, out / f"rounds_{tag}.png")
-    plot_final_accuracy(results, out / "final_accuracy.png")
-    table = summary_table(results)
+    """Write heatmaps, final-accuracy plots (one per task list) and table.md into ``out`` (default:
+    ``default_report_dir``), each run named by its folder; return the markdown table."""
+    paths = list({_results_file(Path(p)).resolve(): Path(p) for p in paths}.values())    # a run given twice: once
+    results, labels = load_results(paths), run_labels(paths)
+    out = out or default_report_dir(paths)
+    io.check_output_dir(out, "--out")
+    for r, label in zip(results, labels):
+        plot_matrix(r, out / f"matrix_{_file_name(label)}.png", label)
+        plot_rounds(r, out / f"rounds_{_file_name(label)}.png", label)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(results):
+        groups.setdefault(tuple(r["tasks"]), []).append(i)
+    table = summary_table(results, labels)
+    for k, members in enumerate(groups.values()):
+        name = "final_accuracy.png" if len(groups) == 1 else f"final_accuracy_{k + 1}.png"
+        plot_final_accuracy([results[i] for i in members], out / name, [labels[i] for i in members])
+        if len(groups) > 1:
+            table += (f"\n\n{name}: {', '.join(labels[i] for i in members)} "
+                      f"(tasks {', '.join(results[members[0]]['tasks'])})")
     (out / "table.md").write_text(table + "\n")
     return table
 

@@ -117,20 +117,69 @@ def _changed_behaviour(saved: dict) -> str | None:
     return None
 
 
+def _resolved_method_config(method: str, options: dict) -> dict:
+    """The method's full config (defaults filled, option strings parsed) as JSON values."""
+    method_cls, options = resolve(method, options)
+    return json.loads(json.dumps(asdict(parse_options(method_cls.config_class, options))))
+
+
+def _flat(config: dict) -> dict:
+    """``{setting: value}`` of a RunConfig dict, backbone settings as ``backbone.KEY``, the free ones left out
+    (method options are compared parsed, apart)."""
+    flat = {k: v for k, v in config.items() if k not in _RESUME_FREE | {"backbone", "method_options"}}
+    flat.update({f"backbone.{k}": v for k, v in config.get("backbone", {}).items()})
+    return flat
+
+
+def _normalised(flat: dict) -> dict:
+    """``_flat`` settings with the paths resolved, so ``data/``, ``data`` and ``/abs/data`` compare equal."""
+    flat = dict(flat, data=os.path.realpath(os.path.expanduser(str(flat["data"]))))
+    model = os.path.expanduser(str(flat["backbone.model"]))
+    if os.path.exists(model):
+        flat["backbone.model"] = os.path.realpath(model)
+    return json.loads(json.dumps(flat))
+
+
 def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
+    """Refuse to resume a run under other settings than it started with, listing each as ``saved -> now``.
+
+    Paths are compared resolved and method options parsed (``-O x=02`` is ``x=2``); the method's full
+    config is compared with the one saved, so a method default changed since also refuses.
+    """
     changed = _changed_behaviour(previous["config"])
     if changed and not previous.get("complete"):
         raise ValueError(f"{path}: cannot resume: {changed}; start it again with another --output")
-    now = {k: v for k, v in run.to_dict().items() if k not in _RESUME_FREE}
     # a setting added to RunConfig after the run started was, in effect, at its default then
     # (the rule for a new setting: its default must reproduce the old behaviour)
     defaults = RunConfig().to_dict()
     saved = {**defaults, **previous["config"]}
     saved["backbone"] = {**defaults["backbone"], **previous["config"].get("backbone", {})}
-    before = {k: v for k, v in saved.items() if k not in _RESUME_FREE}
-    diff = sorted(k for k in now if now[k] != before.get(k))
+    before, now = _flat(saved), _flat(run.to_dict())
+    differ = [k for k, v in _normalised(now).items() if v != _normalised(before).get(k)]
+    diff = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in sorted(differ)]
+    if "method" not in differ:
+        current = _resolved_method_config(run.method, run.method_options)
+        old = previous.get("method_config")
+        if old is None:                        # saved before results recorded the resolved config
+            try:
+                old = _resolved_method_config(saved["method"], saved["method_options"])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: cannot resume, its method options no longer parse ({err})") from err
+        diff += [f"method option {k} {old.get(k)!r} -> {current.get(k)!r}"
+                 for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
     if diff:
-        raise ValueError(f"{path}: cannot resume, settings differ from the saved run: {diff}")
+        raise ValueError(f"{path}: cannot resume, settings differ from the saved run (saved -> now): "
+                         + ", ".join(diff) + "; resume with the saved settings or choose another --output")
+
+
+def check_checkpoint(out: Path, stage: int) -> None:
+    """Refuse a checkpoint whose files are missing or differ from the checksums saved with it, naming the file."""
+    ckpt = out / "checkpoints" / f"stage_{stage}"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: checkpoint not found (needed to resume after stage {stage + 1}; "
+                                "copy it back or start the run again with another --output)")
+    if not io.verify_checksums(ckpt):
+        logger.warning("%s: saved without checksums (by an older rkif); loading it unchecked", ckpt)
 
 
 def load_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -> None:
@@ -141,16 +190,14 @@ def load_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -
     backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
 
 
-def _check_method_config(method: Method, previous: dict, path: Path) -> None:
-    """A method default changed since the run started (same options, other values) also forbids resuming."""
-    saved = previous.get("method_config")
-    if saved is None:
-        return
-    now = json.loads(json.dumps(asdict(method.config)))
-    diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
-    if diff:
-        raise ValueError(f"{path}: cannot resume, the method's settings differ from the saved run: "
-                         + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff))
+def save_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -> None:
+    """Write the adapter weights and method state after ``stage``, then their checksums (last)."""
+    ckpt = out / "checkpoints" / f"stage_{stage}"
+    tensors, meta = method.state_dict()
+    io.write_tensors(ckpt / "adapter.safetensors", backbone.adapter_state())
+    io.write_tensors(ckpt / "method.safetensors", tensors)
+    io.write_json(ckpt / "method.json", meta)
+    io.write_checksums(ckpt, ["adapter.safetensors", "method.safetensors", "method.json"])
 
 
 def _results(run, method_config, tasks, stages, columns, initial, extra) -> dict:
@@ -176,14 +223,18 @@ def run_experiment(run: RunConfig) -> dict:
     """Run (or resume) one continual-learning experiment and return its results dict."""
     out = run.output_dir
     results_path = out / RESULTS
-    previous = io.read_json(results_path) if results_path.exists() else None
-    if previous and not run.resume:
+    if results_path.exists() and not run.resume:
         raise FileExistsError(f"{results_path} exists: pass --resume to continue it or choose another --output")
+    if is_main_process():
+        io.check_output_dir(out)           # a file or a read-only folder fails now, not after the first task
+    previous = io.read_results(results_path) if results_path.exists() else None
     if previous:
         _check_resumable(run, previous, results_path)
         if previous.get("complete"):
             logger.info("%s is complete; nothing to resume", results_path)
             return previous
+        if previous["finished_stages"] > 0:
+            check_checkpoint(out, previous["finished_stages"] - 1)     # before the model loads
 
     tasks, backbone, method = build(run)
     stages = method.stages(tasks)
@@ -191,7 +242,6 @@ def run_experiment(run: RunConfig) -> dict:
     columns: list[list[float]] = []
     extra = {"seconds": 0.0, "stage_log": []}
     if previous and previous["finished_stages"] > 0:
-        _check_method_config(method, previous, results_path)
         columns = [list(c) for c in zip(*previous["accuracy"])]
         initial = previous["initial_accuracy"]
         extra = {k: previous[k] for k in ("seconds", "stage_log", "diagnostics") if k in previous}
@@ -214,11 +264,7 @@ def run_experiment(run: RunConfig) -> dict:
         extra["diagnostics"] = method.diagnostics()
         logger.info("after %s: %s", names, _fmt(tasks, column))
         if is_main_process():
-            ckpt = out / "checkpoints" / f"stage_{j}"
-            tensors, meta = method.state_dict()
-            io.write_tensors(ckpt / "adapter.safetensors", backbone.adapter_state())
-            io.write_tensors(ckpt / "method.safetensors", tensors)
-            io.write_json(ckpt / "method.json", meta)
+            save_checkpoint(out, j, method, backbone)
             io.write_json(results_path, _results(run, method.config, tasks, stages, columns, initial, extra))
     results = _results(run, method.config, tasks, stages, columns, initial, extra)
     if is_main_process():

@@ -73,7 +73,7 @@ def test_cli_run_and_report(tiny_data, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| alpha |" in printed and "OP" in printed
-    assert (out / "matrix_seqlora_orderNone.png").stat().st_size > 0
+    assert (out / "matrix_cli.png").stat().st_size > 0
     assert (out / "final_accuracy.png").exists() and (out / "table.md").exists()
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert "| seqlora |" in (tmp_path / "rep" / "table.md").read_text()

@@ -4,7 +4,7 @@ from rkif.backbones.base import Backbone, BackboneConfig
 from rkif.backbones.causal import CausalBackbone
 from rkif.backbones.encoder import EncoderBackbone, minilm_path
 from rkif.backbones.seq2seq import Seq2SeqBackbone
-from rkif.backbones.sources import family_from_name
+from rkif.backbones.sources import family_from_name, resolve_model
 
 FAMILIES: dict[str, type[Backbone]] = {
     "encoder": EncoderBackbone,
@@ -20,6 +20,8 @@ def build_backbone(cfg: BackboneConfig, peft_config=None) -> Backbone:
     fixed = family_from_name(cfg.model)
     if fixed and cfg.family != fixed:
         raise ValueError(f"--model {cfg.model}: its family is {fixed}; use --family {fixed} (or auto)")
+    if cfg.model != "minilm":
+        resolve_model(cfg.model)        # a missing file or folder, a missing GGUF reader: named before loading
     return FAMILIES[cfg.family](cfg, peft_config=peft_config)
 
 

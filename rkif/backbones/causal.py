@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rkif.backbones.base import Backbone, BackboneConfig
-from rkif.backbones.sources import resolve_model
+from rkif.backbones.sources import loading, resolve_model
 from rkif.data import Example, Task
 
 TAIL_TOKENS = 8            # the end of an input kept when its middle is cut
@@ -46,13 +46,15 @@ _SLOT = "\x00RKIF_PROMPT\x00"
 def load_tokenizer(model: str):
     """The tokenizer of ``--model`` (hub name, folder, GGUF file or ``smollm2``)."""
     source = resolve_model(model)
-    return AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    with loading(model):
+        return AutoTokenizer.from_pretrained(source.path, **source.kwargs())
 
 
 def load_causal_lm(model: str):
     """The causal LM of ``--model``; a GGUF file is dequantised to float32 by transformers."""
     source = resolve_model(model)
-    return AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs())
+    with loading(model):
+        return AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs())
 
 
 class CausalBackbone(Backbone):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from rkif.backbones.base import Backbone, BackboneConfig
+from rkif.backbones.sources import loading
 from rkif.data import Example, Task
 
 
@@ -43,8 +44,10 @@ class EncoderBackbone(Backbone):
 
     def __init__(self, cfg: BackboneConfig, peft_config=None):
         path = str(minilm_path()) if cfg.model == "minilm" else cfg.model
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = self.wrap(AutoModel.from_pretrained(path), cfg, "FEATURE_EXTRACTION", peft_config)
+        with loading(cfg.model):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            pretrained = AutoModel.from_pretrained(path)
+        model = self.wrap(pretrained, cfg, "FEATURE_EXTRACTION", peft_config)
         super().__init__(model, tokenizer, cfg)
         self.candidates: list[str] = []
         self.label_index: dict[str, int] = {}

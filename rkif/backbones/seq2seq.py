@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from rkif.backbones.base import Backbone, BackboneConfig
-from rkif.backbones.sources import resolve_model
+from rkif.backbones.sources import loading, resolve_model
 from rkif.data import Example, Task
 
 
@@ -16,8 +16,9 @@ class Seq2SeqBackbone(Backbone):
 
     def __init__(self, cfg: BackboneConfig, model=None, tokenizer=None, peft_config=None):
         source = resolve_model(cfg.model)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.path, **source.kwargs())
-        model = model or AutoModelForSeq2SeqLM.from_pretrained(source.path, **source.kwargs())
+        with loading(cfg.model):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+            model = model or AutoModelForSeq2SeqLM.from_pretrained(source.path, **source.kwargs())
         super().__init__(self.wrap(model, cfg, "SEQ_2_SEQ_LM", peft_config), tokenizer, cfg)
         self.answer_limit = cfg.max_target_length          # set_answer_space: the longest label + EOS
 

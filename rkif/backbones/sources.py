@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +88,28 @@ def resolve_model(name: str) -> ModelSource:
     if path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf")):
         _require_gguf_reader()
         return ModelSource(str(path), _single_gguf(path, f"--model {name}"))
-    if path.is_absolute() or name.startswith(".") or path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"--model {name}: no such model folder")
+    check_local_model(name)
     return ModelSource(name)
+
+
+def check_local_model(name: str) -> None:
+    """Refuse a ``--model`` that names a local path (absolute, ``./``, ``~`` or existing) that is no folder."""
+    path = Path(name).expanduser()
+    if (path.is_absolute() or name.startswith((".", "~")) or path.exists()) and not path.is_dir():
+        raise FileNotFoundError(f"--model {name}: no such model folder; give a model folder, a .gguf file, "
+                                "minilm, smollm2 or a hub name")
+
+
+@contextmanager
+def loading(name: str) -> Iterator[None]:
+    """Turn a ``from_pretrained`` failure inside the block (no weights or tokenizer files in a folder, a hub
+    name neither cached nor reachable) into one line naming ``--model`` and what it may be."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise OSError(f"--model {name}: cannot load it ({reason}); give a model folder with its tokenizer and "
+                      "weights, a .gguf file, minilm, smollm2 or a hub name cached here") from err
 
 
 def family_from_name(name: str) -> str | None:
@@ -110,6 +130,7 @@ def infer_family(name: str) -> str:
     """
     if fixed := family_from_name(name):
         return fixed
+    check_local_model(name)
     path = Path(name).expanduser()
     config = path / "config.json"
     if path.is_dir() and not config.exists() and any(path.glob("*.gguf")):
