@@ -90,8 +90,8 @@ def plot_matrix(r: dict, path: Path, title: str | None = None) -> None:
     """Heatmap of the accuracy matrix (blank where a cell was not evaluated)."""
     acc = r["accuracy"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(acc[0]), 1 + 0.5 * len(acc)))
-    cells = [[float("nan") if a is None else a for a in row] for row in acc]   # not evaluated: blank
-    im = ax.imshow(cells, vmin=0, vmax=1, cmap="viridis")
+    cells = [[float("nan") if a is None else 100 * a for a in row] for row in acc]   # not evaluated: blank
+    im = ax.imshow(cells, vmin=0, vmax=100, cmap="viridis")
     ax.set_xticks(range(len(r["stages"])), ["+".join(s) for s in r["stages"]], rotation=45, ha="right")
     ax.set_yticks(range(len(r["tasks"])), r["tasks"])
     for i, row in enumerate(acc):
@@ -102,15 +102,48 @@ def plot_matrix(r: dict, path: Path, title: str | None = None) -> None:
     ax.set_xlabel("after training stage")
     ax.set_ylabel("evaluated task")
     ax.set_title(f"{title or r['method']}: {score_name(r)} (%)")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="%")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def method_colours(n: int) -> list:
+    """``n`` distinct colours: tab10 up to 10, tab20 up to 20, then evenly spaced hues."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
+
+
 def _final_column(r: dict) -> list[float | None]:
     """Accuracy of every task after the last finished stage (None: not evaluated then)."""
     return [row[-1] if row else None for row in r["accuracy"]]
+
+
+MAX_BARS = 8          # more runs than this: the final accuracies as a runs x tasks heatmap instead of bars
+
+
+def _final_heatmap(results: list[dict], path: Path, labels: list[str]) -> None:
+    """Final per-task accuracy as a runs x tasks heatmap with an OP column, rows in the given order."""
+    tasks = results[0]["tasks"]
+    cells = [[float("nan") if a is None else 100 * a for a in _final_column(r)] for r in results]
+    fig, ax = plt.subplots(figsize=(3.5 + 0.9 * len(tasks), 1 + 0.32 * len(results)))
+    im = ax.imshow(cells, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for i, row in enumerate(cells):
+        for j, a in enumerate(row):
+            if a == a:                                                    # not NaN
+                ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=7)
+    rows = [f"{label}  (OP {_pct(r['op'])})" if r["complete"] else f"{label}  ({r['finished_stages']}/"
+            f"{len(r['stages'])} stages)" for label, r in zip(labels, results)]
+    ax.set_yticks(range(len(results)), rows, fontsize=8)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_title(f"final {score_name(results[0])} (%) per task")
+    fig.colorbar(im, ax=ax, label="%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_final_accuracy(results: list[dict], path: Path, labels: list[str] | None = None) -> None:
@@ -120,15 +153,19 @@ def plot_final_accuracy(results: list[dict], path: Path, labels: list[str] | Non
     if any(r["tasks"] != tasks for r in results):
         raise ValueError("plot_final_accuracy: the runs have different task lists; plot each list apart")
     labels = labels or [r["method"] for r in results]
+    if len(results) > MAX_BARS:
+        return _final_heatmap(results, path, labels)
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(tasks), 4))
+    colours = method_colours(len(results))
+    fig, ax = plt.subplots(figsize=(3.5 + max(1.2, 0.25 * len(results)) * len(tasks), 4))
     for k, (label, r) in enumerate(zip(labels, results)):
         cells = [(i + k * width, 100 * a) for i, a in enumerate(_final_column(r)) if a is not None]
         state = f"OP {_pct(r['op'])}" if r["complete"] else f"{r['finished_stages']}/{len(r['stages'])} stages"
-        ax.bar([x for x, _ in cells], [h for _, h in cells], width, label=f"{label} ({state})")
+        ax.bar([x for x, _ in cells], [h for _, h in cells], width, color=colours[k], label=f"{label} ({state})")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylabel(f"final {score_name(results[0])} (%)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)     # beside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -141,6 +178,16 @@ def plot_rounds(r: dict, path: Path, title: str | None = None) -> bool:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
     x = range(len(rounds))
+    stages = [rec.get("stage") for rec in rounds]
+    for ax in (a1, a2):                 # a dotted line where a new task starts, named by its stage
+        for i in range(1, len(rounds)):
+            if stages[i] != stages[i - 1]:
+                ax.axvline(i - 0.5, color="grey", linestyle=":", linewidth=1)
+        if stages[0] is not None:
+            starts = [0] + [i for i in range(1, len(rounds)) if stages[i] != stages[i - 1]]
+            for i in starts:
+                ax.text(i, 1.0, f"stage {stages[i] + 1}", transform=ax.get_xaxis_transform(), fontsize=7,
+                        va="bottom", color="grey")
     for key in ("in_only", "out_only", "shared", "neither"):
         a1.plot(x, [rec[key] for rec in rounds], label=key)
     a1.set_xlabel("fusion round")
@@ -152,6 +199,34 @@ def plot_rounds(r: dict, path: Path, title: str | None = None) -> bool:
     a2.set_ylim(bottom=0)
     a2.legend(fontsize=8)
     fig.suptitle(f"{title or r['method']}: knowledge identification per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_tradeoff(results: list[dict], path: Path, labels: list[str] | None = None) -> bool:
+    """OP against BWT, one point per label (mean over its finished runs, bars: min to max): the trade-off
+    between keeping old tasks and overall accuracy at a glance."""
+    labels = labels or [r["method"] for r in results]
+    points: dict[str, list[tuple[float, float]]] = {}
+    for label, r in zip(labels, results):
+        if r.get("op") is not None and r.get("bwt") is not None:
+            points.setdefault(label, []).append((100 * r["bwt"], 100 * r["op"]))
+    if not points:
+        return False
+    colours = method_colours(len(points))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for colour, (label, pts) in zip(colours, points.items()):
+        bwt, op = [p[0] for p in pts], [p[1] for p in pts]
+        x, y = sum(bwt) / len(bwt), sum(op) / len(op)
+        ax.errorbar(x, y, xerr=[[x - min(bwt)], [max(bwt) - x]], yerr=[[y - min(op)], [max(op) - y]],
+                    fmt="o", color=colour, capsize=2, label=f"{label} ({len(pts)})")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("BWT (%)  (higher: less forgetting)")
+    ax.set_ylabel("OP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, title="runs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -172,6 +247,7 @@ def report(paths: list[Path], out: Path | None = None) -> str:
     for i, r in enumerate(results):
         groups.setdefault(tuple(r["tasks"]), []).append(i)
     table = summary_table(results, labels)
+    plot_tradeoff(results, out / "op_vs_bwt.png", labels)
     for k, members in enumerate(groups.values()):
         name = "final_accuracy.png" if len(groups) == 1 else f"final_accuracy_{k + 1}.png"
         plot_final_accuracy([results[i] for i in members], out / name, [labels[i] for i in members])
@@ -247,6 +323,7 @@ def grid_report(out: Path, runs: list, benchmark: str) -> str:
         plot_rounds(r, plots / f"rounds_{r['method']}_order{r['order']}_seed{r['config']['seed']}.png")
     for order in sorted({r["order"] for r in results}):
         plot_final_accuracy([r for r in results if r["order"] == order], plots / f"final_accuracy_order{order}.png")
+    plot_tradeoff(results, plots / "op_vs_bwt.png")
     table = grid_table(results, benchmark) if results else "(no finished runs yet)"
     (out / "table.md").write_text(table + "\n")
     return table
