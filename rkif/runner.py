@@ -139,11 +139,16 @@ def load_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -
 
 
 def _check_method_config(method: Method, previous: dict, path: Path) -> None:
-    """A method default changed since the run started (same options, other values) also forbids resuming."""
+    """A method default changed since the run started (same options, other values) also forbids resuming.
+
+    A field added to the method's config after the run started was, in effect, at its default then
+    (the rule for a new option, as for RunConfig: its default reproduces the old behaviour).
+    """
     saved = previous.get("method_config")
     if saved is None:
         return
     now = json.loads(json.dumps(asdict(method.config)))
+    saved = {**json.loads(json.dumps(asdict(type(method.config)()))), **saved}
     diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
     if diff:
         raise ValueError(f"{path}: cannot resume, the method's settings differ from the saved run: "
