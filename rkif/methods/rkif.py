@@ -86,6 +86,19 @@ class RKIFConfig(MethodConfig):
     masks_on: str = "both"               # both | in (m_out = 1) | out (m_in = 1) (controls)
     outer_lr_schedule: str = "constant"  # constant | trainer (times the Trainer's current lr factor, each round)
 
+    def __post_init__(self) -> None:
+        """Refuse an unknown choice, or a control these options make void, when the options are parsed."""
+        check_choices("rkif", self, {"fusion": ("mask", "sum", "global", "adaptive", "release"),
+                                     "outer_optimizer": ("adamw", "sgd", "shared"),
+                                     "outer_smoothing": ("eq7", "none", "running"),
+                                     "importance_weights": ("pre_step", "post_step"),
+                                     "rounds": ("multi", "single"), "partial_round": ("fuse", "keep"),
+                                     "score": ("weight_grad", "grad"), "smoothing": ("ema", "none", "su"),
+                                     "threshold": ("top", "quantile"), "threshold_scope": ("global", "per_tensor"),
+                                     "mask_source": ("importance", "random"), "masks_on": ("both", "in", "out"),
+                                     "outer_lr_schedule": ("constant", "trainer")})
+        _check_controls(self)
+
 
 @register
 class RecurrentKIF(MemoryMethod):
@@ -94,18 +107,6 @@ class RecurrentKIF(MemoryMethod):
 
     def __init__(self, config: RKIFConfig, backbone, run):
         super().__init__(config, backbone, run)
-        check_choices(self.name, config, {"fusion": ("mask", "sum", "global", "adaptive", "release"),
-                                          "outer_optimizer": ("adamw", "sgd", "shared"),
-                                          "outer_smoothing": ("eq7", "none", "running"),
-                                          "importance_weights": ("pre_step", "post_step"),
-                                          "rounds": ("multi", "single"), "partial_round": ("fuse", "keep"),
-                                          "score": ("weight_grad", "grad"), "smoothing": ("ema", "none", "su"),
-                                          "threshold": ("top", "quantile"),
-                                          "threshold_scope": ("global", "per_tensor"),
-                                          "mask_source": ("importance", "random"),
-                                          "masks_on": ("both", "in", "out"),
-                                          "outer_lr_schedule": ("constant", "trainer")})
-        _check_controls(config)
         self.rounds_log: list[dict] = []
         self.active = False
         self.stage = 0
