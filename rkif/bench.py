@@ -13,8 +13,14 @@ A grid is a small TOML file::
     max_length = 128
     [method_options.ewc]              # options of one method
     ewc_lambda = 1000.0
+    [variants.rkif-random]            # a named configuration, listed in `methods` like a method
+    method = "rkif"                   # a method or preset
+    options = { mask_source = "random" }
+    run = { epochs = 3.0 }            # optional: RunConfig fields of this variant's runs only
+    reference = "rkif"                # optional: the table adds paired differences to this entry
 
-Each run lives in ``<out>/runs/<method>/order<o>-seed<s>/``; a finished run is skipped, a
+Each run lives in ``<out>/runs/<name>/order<o>-seed<s>/`` (``<name>``: the method's or the
+variant's, also its name in the table); a finished run is skipped, a
 half-finished one resumes after its last finished task, a failed one is reported and the grid
 goes on. At the end ``table.md`` and the plots are written from every finished run.
 
@@ -41,7 +47,7 @@ from rkif import io
 from rkif.backbones import BackboneConfig
 from rkif.config import RunConfig
 from rkif.data import BENCHMARK_DEFAULTS
-from rkif.methods import parse_options, resolve
+from rkif.methods import available, parse_options, resolve
 from rkif.report import grid_report
 
 if sys.version_info >= (3, 11):
@@ -50,7 +56,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 logger = logging.getLogger(__name__)
-GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone", "method_options"}
+GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone", "method_options", "variants",
+             "reference"}
+VARIANT_KEYS = {"method", "options", "run"}
 RESERVED_RUN_KEYS = {"method", "method_options", "backbone", "order", "seed", "benchmark", "tasks", "resume", "output"}
 
 
@@ -82,16 +90,62 @@ def load_grid(path: Path) -> dict:
     reserved = set(grid.get("run", {})) & RESERVED_RUN_KEYS
     if reserved:
         raise ValueError(f"{path}: [run] may not set {sorted(reserved)}: the grid sets them (top-level keys)")
-    stray = set(grid.get("method_options", {})) - set(grid["methods"])
-    if stray:
-        raise ValueError(f"{path}: [method_options] for methods not in the grid: {sorted(stray)}")
-    for method in grid["methods"]:             # fail now, not hours into the grid
+    _check_variants(path, grid)
+    for section in ("method_options", "variants"):
+        stray = set(grid.get(section, {})) - set(grid["methods"])
+        if stray:
+            raise ValueError(f"{path}: [{section}] for methods not in the grid: {sorted(stray)}")
+    if "reference" in grid and grid["reference"] not in grid["methods"]:
+        raise ValueError(f"{path}: reference {grid['reference']!r} is not in the grid's methods {grid['methods']}")
+    for name in grid["methods"]:             # fail now, not hours into the grid
+        method, options, _ = _entry(grid, name)
         try:
-            cls_, options = resolve(method, grid.get("method_options", {}).get(method, {}))
+            cls_, options = resolve(method, options)
             parse_options(cls_.config_class, options)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: method {method!r}: {err}") from err
+            raise ValueError(f"{path}: method {name!r}: {err}") from err
     return grid
+
+
+def _check_variants(path: Path, grid: dict) -> None:
+    """Each [variants.NAME]: a new name, a ``method``, optional ``options`` and ``run`` tables."""
+    variants = grid.get("variants", {})
+    if not isinstance(variants, dict):
+        raise ValueError(f"{path}: [variants] must be a table")
+    run_fields = {f.name for f in fields(RunConfig)}
+    for name, variant in variants.items():
+        where = f"{path}: [variants.{name}]"
+        if not isinstance(variant, dict):
+            raise ValueError(f"{where} must be a table")
+        if name in available():
+            raise ValueError(f"{where}: {name!r} is already a method or preset; choose another name")
+        unknown = set(variant) - VARIANT_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(VARIANT_KEYS)}")
+        if not isinstance(variant.get("method"), str):
+            raise ValueError(f"{where}: needs method = \"<a method or preset>\"")
+        for key in ("options", "run"):
+            if not isinstance(variant.get(key, {}), dict):
+                raise ValueError(f"{where}: {key} must be a table")
+        run = variant.get("run", {})
+        bad = set(run) - run_fields
+        if bad:
+            raise ValueError(f"{where}: run has unknown field(s) {sorted(bad)}")
+        reserved = set(run) & RESERVED_RUN_KEYS
+        if reserved:
+            raise ValueError(f"{where}: run may not set {sorted(reserved)}: the grid sets them")
+
+
+def _entry(grid: dict, name: str) -> tuple[str, dict, dict]:
+    """The method, its options and the run settings of one entry of ``methods`` (a method or a variant)."""
+    variant = grid.get("variants", {}).get(name, {})
+    options = {**variant.get("options", {}), **grid.get("method_options", {}).get(name, {})}
+    return variant.get("method", name), options, {**grid.get("run", {}), **variant.get("run", {})}
+
+
+def run_label(run: RunConfig) -> str:
+    """The grid's name of a run's configuration: its folder under ``runs/`` (a variant's or the method's name)."""
+    return run.output_dir.parent.name
 
 
 def grid_runs(grid: dict, out: Path, data: str | None = None) -> list[RunConfig]:
@@ -101,14 +155,15 @@ def grid_runs(grid: dict, out: Path, data: str | None = None) -> list[RunConfig]
     given = {**grid.get("run", {}), **grid.get("backbone", {})}
     implied = {k: v for k, v in BENCHMARK_DEFAULTS.get(benchmark, {}).items() if k not in given}
     runs = []
-    for method in grid["methods"]:
+    for name in grid["methods"]:
+        method, options, run_settings = _entry(grid, name)
         for order in grid["orders"]:
             for seed in grid.get("seeds", [42]):
-                settings = {**grid.get("run", {}), "method": method, "order": order, "seed": seed,
+                settings = {**run_settings, "method": method, "order": order, "seed": seed,
                             "benchmark": benchmark, "resume": True,
-                            "method_options": dict(grid.get("method_options", {}).get(method, {})),
+                            "method_options": dict(options),
                             "backbone": BackboneConfig(**grid.get("backbone", {})),
-                            "output": str(out / "runs" / method / f"order{order}-seed{seed}")}
+                            "output": str(out / "runs" / name / f"order{order}-seed{seed}")}
                 if data:
                     settings["data"] = data
                 runs.append(RunConfig(**settings).with_settings(**implied))
@@ -180,7 +235,8 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
         raise ValueError(f"{config_path}: order(s) {unknown_orders} are not in the grid; it has {grid['orders']}")
     out = out or Path("benchmarks/results") / grid["name"]
     runs = grid_runs(grid, out, data)
-    selected = [r for r in runs if (methods is None or r.method in methods) and (orders is None or r.order in orders)]
+    selected = [r for r in runs
+                if (methods is None or run_label(r) in methods) and (orders is None or r.order in orders)]
     todo = [] if report_only else [r for r in selected if not is_finished(r)]
     done = sum(is_finished(r) for r in runs)
     logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), done, len(todo))
@@ -190,7 +246,7 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
             if not mine or is_finished(run):     # another process holds it, or finished it meanwhile
                 logger.info("run %s: %s", run.output, "finished" if mine else "locked by another process, left")
                 continue
-            logger.info("run %s order %d seed %d -> %s", run.method, run.order, run.seed, run.output)
+            logger.info("run %s order %d seed %d -> %s", run_label(run), run.order, run.seed, run.output)
             try:
                 run_experiment(run)
             except Exception:  # one failed run must not stop the grid; it is reported below
@@ -198,7 +254,8 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
                 logger.error("run %s failed:\n%s", run.output, traceback.format_exc())
     io.write_json(out / "grid.json", {**grid, "config_file": str(config_path)})
     finished = [r for r in runs if is_finished(r)]
-    table = grid_report(out, finished, grid.get("benchmark", "standard"))
+    table = grid_report(out, finished, grid.get("benchmark", "standard"), [run_label(r) for r in finished],
+                        grid.get("reference"))
     if len(finished) < len(runs):
         table += f"\n\n{len(finished)} of {len(runs)} runs finished; `rkif bench {config_path}` resumes the rest."
     if failed:

@@ -113,3 +113,15 @@ def summarize(acc: Matrix, initial: Sequence[float]) -> dict:
     """OP, BWT, FWT and per-task forgetting in one dict (fractions in [0, 1])."""
     return {"op": overall_performance(acc), "bwt": backward_transfer(acc),
             "fwt": forward_transfer(acc, initial), "forgetting": forgetting(acc)}
+
+
+def plasticity(acc: Matrix, trained_at: Sequence[int] | None = None) -> float:
+    """Mean accuracy on each task right after the stage that trained it: mean_i a[i][s(i)].
+
+    ``trained_at[i]`` = s(i), the column of task i's stage (default i: one task per stage). Beside
+    OP and BWT it tells learning from keeping: OP = plasticity + (K-1)/K * BWT with one task per stage.
+    """
+    if not acc:
+        raise ValueError("empty accuracy matrix")
+    cols = range(len(acc)) if trained_at is None else trained_at
+    return sum(row[j] for row, j in zip(acc, cols, strict=True)) / len(acc)

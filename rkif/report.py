@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rkif import io  # noqa: E402
-from rkif.metrics import SCORER_NAMES  # noqa: E402
+from rkif.metrics import SCORER_NAMES, plasticity  # noqa: E402
 
 
 def _pct(x: float | None) -> str:
@@ -291,14 +291,22 @@ def _paper(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def just_trained(r: dict) -> float | None:
+    """Plasticity of one run: mean accuracy on each task right after its stage (None if not recorded)."""
+    if not r.get("complete") or "accuracy" not in r:
+        return None
+    stage_of = {t: j for j, stage in enumerate(r["stages"]) for t in stage}
+    return plasticity(r["accuracy"], [stage_of[t] for t in r["tasks"]])
+
+
 def grid_table(results: list[dict], benchmark: str) -> str:
-    """Per method: mean ± sample std over orders and seeds of OP, BWT, FWT; mean training and total
-    (training + evaluation) minutes per run; the paper's columns."""
+    """Per method: mean ± sample std over orders and seeds of OP, BWT, plasticity (accuracy right after
+    training), FWT; mean training and total (training + evaluation) minutes per run; the paper's columns."""
     methods = list(dict.fromkeys(r["method"] for r in results))
     paper = PAPER_TABLE1.get(benchmark, {})
     ablation = PAPER_TABLE1["long_order4_ablations"]
-    lines = ["| method | runs (orders) | OP | BWT | FWT | train / total min per run | paper OP | paper BWT | "
-             "paper ablation OP / BWT (Long O4) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | runs (orders) | OP | BWT | just trained | FWT | train / total min per run | paper OP | "
+             "paper BWT | paper ablation OP / BWT (Long O4) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         orders = ",".join(str(o) for o in sorted({r["order"] for r in rs}))
@@ -307,15 +315,79 @@ def grid_table(results: list[dict], benchmark: str) -> str:
         minutes = sum(r["seconds"] for r in rs) / len(rs) / 60          # training + evaluation
         train = sum(s.get("train_seconds") or 0.0 for r in rs for s in r.get("stage_log", [])) / len(rs) / 60
         lines.append(f"| {m} | {len(rs)} ({orders}) | {_mean_std([r['op'] for r in rs])} | "
-                     f"{_mean_std([r['bwt'] for r in rs])} | {_mean_std([r['fwt'] for r in rs])} | "
+                     f"{_mean_std([r['bwt'] for r in rs])} | {_mean_std([just_trained(r) for r in rs])} | "
+                     f"{_mean_std([r['fwt'] for r in rs])} | "
                      f"{train:.1f} / {minutes:.1f} | "
                      f"{_paper(op)} | {_paper(bwt)} | {f'{_paper(ab[0])} / {_paper(ab[1])}' if ab else '-'} |")
     return "\n".join(lines)
 
 
-def grid_report(out: Path, runs: list, benchmark: str) -> str:
-    """table.md, per-run heatmaps and per-order final-accuracy plots of a grid's finished runs."""
+# Two-sided 95 % quantiles of Student's t, df = 1..30; above, the Cornish-Fisher expansion (error < 1e-4).
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.306, 2.2622, 2.2281, 2.201, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.093, 2.086, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (half-width factor of a 95 % interval)."""
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def paired_difference(values: list[float], reference: list[float]) -> tuple[float, float | None]:
+    """Mean of the paired differences and the half-width of its 95 % t interval (None for one pair)."""
+    diffs = [v - r for v, r in zip(values, reference, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, None
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    return mean, t_quantile_975(n - 1) * sd / n**0.5
+
+
+def paired_table(results: list[dict], reference: str) -> str:
+    """Each entry minus ``reference`` on the same (order, seed): mean difference of OP, BWT and
+    plasticity in points with its 95 % t interval over the pairs both have finished."""
+    metrics = (("OP", lambda r: r["op"]), ("BWT", lambda r: r["bwt"]), ("just trained", just_trained))
+    by_key = {(r["method"], r["order"], r["config"]["seed"]): r for r in results}
+    ref_keys = {k[1:] for k in by_key if k[0] == reference}
+    lines = [f"Paired differences to {reference} (points; mean [95 % t interval] over the (order, seed) pairs both "
+             "finished):", "",
+             "| method | pairs | " + " | ".join(f"Δ {name}" for name, _ in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for m in dict.fromkeys(r["method"] for r in results):
+        if m == reference:
+            continue
+        keys = sorted(k[1:] for k in by_key if k[0] == m and k[1:] in ref_keys)
+        cells = []
+        for _, get in metrics:
+            pairs = [(get(by_key[(m, *k)]), get(by_key[(reference, *k)])) for k in keys]
+            pairs = [(100 * a, 100 * b) for a, b in pairs if a is not None and b is not None]
+            if not pairs:
+                cells.append("-")
+                continue
+            mean, half = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+            cells.append(f"{mean:+.1f}" if half is None else f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]")
+        lines.append(f"| {m} | {len(keys)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None = None,
+                reference: str | None = None) -> str:
+    """table.md, per-run heatmaps and per-order final-accuracy plots of a grid's finished runs.
+
+    ``labels``: each run's name in the grid (a variant's name; default the method's). With
+    ``reference``, table.md adds the paired differences of every entry to that one.
+    """
     results = [io.read_json(r.output_dir / "results.json") for r in runs]
+    if labels is not None:
+        for r, label in zip(results, labels, strict=True):
+            r["method"] = label
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for r in results:
@@ -325,5 +397,7 @@ def grid_report(out: Path, runs: list, benchmark: str) -> str:
         plot_final_accuracy([r for r in results if r["order"] == order], plots / f"final_accuracy_order{order}.png")
     plot_tradeoff(results, plots / "op_vs_bwt.png")
     table = grid_table(results, benchmark) if results else "(no finished runs yet)"
+    if reference and results:
+        table += "\n\n" + paired_table(results, reference)
     (out / "table.md").write_text(table + "\n")
     return table

@@ -160,7 +160,10 @@ def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
     if "method" not in differ:
         current = _resolved_method_config(run.method, run.method_options)
         old = previous.get("method_config")
-        if old is None:                        # saved before results recorded the resolved config
+        if old is not None:                    # a field added since the run started was at its default then
+            method_cls, _ = resolve(run.method, {})
+            old = {**json.loads(json.dumps(asdict(method_cls.config_class()))), **old}
+        else:                                  # saved before results recorded the resolved config
             try:
                 old = _resolved_method_config(saved["method"], saved["method_options"])
             except (TypeError, ValueError) as err:

@@ -95,13 +95,14 @@ def test_grid_table_mean_and_sample_std_with_the_paper_columns():
     assert len(table.splitlines()) == 2 + 3                                  # header, rule, one row per method
     assert "paper OP" in table.splitlines()[0]
     # sample std (n - 1): 40, 50, 60 -> 10.0 (the population std would be 8.2)
-    assert _row(table, "seqlora") == ["seqlora", "3 (1,2,3)", "50.0 ± 10.0", "-20.0 ± 10.0", "-", "1.0 / 2.0",
+    assert _row(table, "seqlora") == ["seqlora", "3 (1,2,3)", "50.0 ± 10.0", "-20.0 ± 10.0", "-", "-", "1.0 / 2.0",
                                       "43.7", "-50.4", "-"]
-    assert _row(table, "rkif-die") == ["rkif-die", "1 (4)", "45.0", "-5.0", "1.0", "0.2 / 0.5", "-", "-", "74.8 / -4.8"]
-    assert _row(table, "mine") == ["mine", "1 (1)", "70.0", "-", "-", "0.1 / 0.1", "-", "-", "-"]
+    assert _row(table, "rkif-die") == ["rkif-die", "1 (4)", "45.0", "-5.0", "-", "1.0", "0.2 / 0.5", "-", "-",
+                                       "74.8 / -4.8"]
+    assert _row(table, "mine") == ["mine", "1 (1)", "70.0", "-", "-", "-", "0.1 / 0.1", "-", "-", "-"]
     long = grid_table([_result("seqlora", 4, 0.1, -0.7, 0.0, 60), _result("rkif", 4, 0.8, -0.03, 0.0, 60)], "long")
-    assert _row(long, "seqlora")[6:8] == ["11.6", "-73.4"] and _row(long, "rkif")[6:] == ["77.8", "-3.6", "77.9 / -3.4"]
-    assert _row(grid_table(results[:1], "custom"), "seqlora")[6:8] == ["-", "-"]
+    assert _row(long, "seqlora")[7:9] == ["11.6", "-73.4"] and _row(long, "rkif")[7:] == ["77.8", "-3.6", "77.9 / -3.4"]
+    assert _row(grid_table(results[:1], "custom"), "seqlora")[7:9] == ["-", "-"]
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_tiny_grid_runs_end_to_end_and_a_second_call_skips_finished_runs(tiny_ro
     assert (out / "plots" / "final_accuracy_order1.png").stat().st_size > 0
     written = (out / "table.md").read_text()
     assert written.strip() == table.strip() and len(table.splitlines()) == 4
-    assert _row(table, "seqlora")[1] == "1 (1)" and _row(table, "replay")[6:8] == ["68.8", "-11.7"]
+    assert _row(table, "seqlora")[1] == "1 (1)" and _row(table, "replay")[7:9] == ["68.8", "-11.7"]
     assert json.loads((out / "grid.json").read_text())["config_file"] == str(config)
 
     def must_not_run(run):

@@ -52,28 +52,41 @@ def _top(scores, fraction):
     return {n: (s >= delta).float() for n, s in scores.items()}
 
 
-def reference(fuse=True, q_steps=3, m_steps=2, a1=0.55, a2=0.55, frac=0.2):
-    """Algorithm 1, transcribed: plain task A, then rounds of Q inner + M outer steps and Eq. 9 fusion."""
+def reference(fuse=True, q_steps=3, m_steps=2, a1=0.55, a2=0.55, frac=0.2, linear=False, outer_follows=False):
+    """Algorithm 1, transcribed: plain task A, then rounds of Q inner + M outer steps and Eq. 9 fusion.
+
+    ``linear``: the Trainer's linear decay to 0 over each task (else constant); ``outer_follows``: the
+    outer lr times the factor that schedule holds when the round closes.
+    """
     init = ToyBackbone(seed=0)
     params = {n: torch.nn.Parameter(p.detach().clone()) for n, p in init.trainable_parameters().items()}
     task_a, task_b = _tasks()
+
+    def factor(steps_done):
+        return (EPOCHS - steps_done) / EPOCHS if linear else 1.0
+
     opt = torch.optim.AdamW(params.values(), lr=LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     for _ in range(EPOCHS):
         _step(params, opt, task_a.split("train"))
+        sched.step()
     from rkif.data import ReplayMemory
     memory = ReplayMemory(0.25, 3)
     memory.add("A", task_a.split("train"))
     pool = memory.examples()
     gen = torch.Generator().manual_seed(3 * 1000 + 1)
     opt = torch.optim.AdamW(params.values(), lr=LR, weight_decay=0.0)             # fresh per task
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     outer = torch.optim.AdamW(params.values(), lr=OUTER_LR, weight_decay=0.0)
     anchor = {n: p.detach().clone() for n, p in params.items()}
     i_in, i_out, q = {n: torch.zeros_like(p) for n, p in params.items()}, None, 0
     for step in range(EPOCHS):
         s = _step(params, opt, task_b.split("train"))
+        sched.step()
         i_in = {n: a1 * i_in[n] + (1 - a1) * s[n] for n in s}                    # Eq. 4
         q += 1
         if q == q_steps or step == EPOCHS - 1:
+            outer.param_groups[0]["lr"] = OUTER_LR * (factor(step + 1) if outer_follows else 1.0)
             theta_q = {n: p.detach().clone() for n, p in params.items()}
             tau_in = {n: theta_q[n] - anchor[n] for n in params}                   # Eq. 2
             ibar_out = {n: torch.zeros_like(p) for n, p in params.items()}

@@ -2,6 +2,32 @@
 
 All functions take and return ``{name: tensor}`` dicts. The fusion acts on every trainable scalar,
 i.e. on the LoRA factors A and B themselves (not on their product B @ A), as Eq. 9 is written.
+
+Why there is no switch for importance and masks in the space of the product P = s * B @ A (one
+score per element of P, Eq. 9 applied to P's update), with the fused update written back into A, B:
+
+- The fused update U = m_in * (P_Q - P_b) + m_out * (P_M - P_Q) is not a rank-r matrix. Each task
+  vector has rank <= 2r, but an element-wise mask makes it full rank in general (383 of 384 in
+  ``benchmarks/ba_space_probe.py``). Only with all-ones masks (-KI) is P_b + U = P_M representable.
+  Fusing the factors, as Eq. 9 does, keeps the rank at r by construction.
+- So the write-back into A and B is a projection onto rank-r matrices. The best one in Frobenius
+  norm (truncated SVD of P_b + U, Eckart-Young) loses most of what the masks chose. In the probe
+  (d = 384, r = 8, top 20 %, random factors and gradients) the written update W has
+  ||W - U|| / ||U|| = 0.79 and cos(W, U) = 0.61. It is closer to the unmasked update P_M - P_b
+  (cos 0.83) than to U: the projection largely undoes the masks. A switch would not test what it names.
+  Any other write-back is also a projection onto the same set, of dimension r (2d - r), about 4 % of
+  d^2 here: tangent-space least squares, or alternating least squares from the current factors.
+  None does better in Frobenius norm than the SVD.
+- The factorisation of the projected P is fixed only up to an invertible r x r matrix R
+  (B R, R^-1 A). A refactorisation moves A and B in a new basis, and the inner optimizer's
+  per-coordinate Adam moments, which carry across rounds within a task, no longer match them.
+- The importance needs dL/dP, a d_out x d_in gradient per adapted matrix. The factors' gradients
+  (s B^T G and s G A^T) do not determine it. Getting it needs hooks on every adapted layer (inputs
+  times output gradients), plus three full-size score maps (Ibar, I_in, I_out). For LLaMA-2-7B's
+  q and v projections that is 1.07e9 scalars per map, against 4.2e6 LoRA scalars.
+- The one exact route writes the residual P_b + U - B'A' into the frozen base weights. The fused
+  update then no longer lives in A and B: the adapter alone (checkpoints, resume, the saved
+  adapter) would not carry the model.
 """
 
 from __future__ import annotations

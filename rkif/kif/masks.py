@@ -194,3 +194,28 @@ def binary_masks(scores: Mapping[str, torch.Tensor], fraction: float, rule: str 
         else:
             raise ValueError(f"unknown threshold rule {rule!r}: top or quantile")
     return masks
+
+
+def random_masks_like(masks: Mapping[str, torch.Tensor], generator: torch.Generator,
+                      scope: str = "global") -> dict[str, torch.Tensor]:
+    """Random binary masks with as many ones as ``masks`` in each threshold group, at uniform places.
+
+    The control for Eq. 8: the same density, no identification. ``scope="global"`` keeps the total
+    count and spreads it over all scalars; ``"per_tensor"`` keeps each tensor's count. Drawn on the
+    CPU from ``generator`` (so a seed fixes the draw), returned on each mask's device.
+    """
+    if scope == "global":
+        groups = [list(masks)]
+    elif scope == "per_tensor":
+        groups = [[n] for n in masks]
+    else:
+        raise ValueError(f"unknown threshold scope {scope!r}: global or per_tensor")
+    out = {}
+    for names in groups:
+        sizes = [masks[n].numel() for n in names]
+        ones = sum(int(masks[n].sum()) for n in names)
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        flat[torch.randperm(flat.numel(), generator=generator)[:ones]] = True
+        for n, part in zip(names, flat.split(sizes)):
+            out[n] = part.view(masks[n].shape).to(masks[n].device)
+    return out

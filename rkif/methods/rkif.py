@@ -28,6 +28,16 @@ Defaults: Q = 8, M = 4 (the paper's reported full-model setting, Table 8: 8/4), 
 top 20 %, global threshold. The release variant is the
 preset ``rkif-release``; every ablation of Tables 2 and 10 is a preset below.
 
+Controls (not in the paper; each a switch, default off): ``mask_source="random"`` replaces each
+importance mask by a random one with the same number of ones per threshold group, drawn anew each
+round from a generator seeded by (run seed, task, round), apart from the memory draws;
+``masks_on="in"`` masks tau_in only (m_out = 1), ``"out"`` tau_out only (m_in = 1);
+``outer_lr_schedule="trainer"`` scales the outer lr each round by the factor the Trainer's scheduler
+holds when the round closes (the lr of the next inner step, which the release's shared optimizer
+uses; after a task's last step a linear decay gives 0), against ``"constant"`` (the default).
+``threshold_scope="per_tensor"`` takes Eq. 8's threshold in each tensor. Importance and masks in the
+space of the LoRA product BA are not offered: ``rkif/kif/fusion.py`` says why.
+
 ``rkif run`` drives this class through ``ContinualTrainer``; ``rkif.RecurrentKIFCallback``
 (``rkif/callback.py``) drives the same class in a user's own Trainer, giving it the Trainer's model
 for a backbone (trainable parameters, ``collate``) and the user's memory (``examples()``, ``len``).
@@ -35,6 +45,7 @@ for a backbone (trainable parameters, ``collate``) and the user's memory (``exam
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -43,7 +54,7 @@ import torch
 from rkif.data import Example, Task
 from rkif.kif import fusion
 from rkif.kif.importance import MeanImportance, make_tracker, outer_ema, step_scores
-from rkif.kif.masks import binary_masks
+from rkif.kif.masks import binary_masks, random_masks_like
 from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
 from rkif.methods.registry import register, register_preset
 
@@ -71,6 +82,22 @@ class RKIFConfig(MethodConfig):
     adaptive_temperature: float = 1.0
     rounds: str = "multi"                # multi | single (one fusion at the end of each task)
     partial_round: str = "fuse"          # fuse | keep: steps left after the last full round
+    mask_source: str = "importance"      # importance (Eq. 8) | random (same count per threshold group; control)
+    masks_on: str = "both"               # both | in (m_out = 1) | out (m_in = 1) (controls)
+    outer_lr_schedule: str = "constant"  # constant | trainer (times the Trainer's current lr factor, each round)
+
+    def __post_init__(self) -> None:
+        """Refuse an unknown choice, or a control these options make void, when the options are parsed."""
+        check_choices("rkif", self, {"fusion": ("mask", "sum", "global", "adaptive", "release"),
+                                     "outer_optimizer": ("adamw", "sgd", "shared"),
+                                     "outer_smoothing": ("eq7", "none", "running"),
+                                     "importance_weights": ("pre_step", "post_step"),
+                                     "rounds": ("multi", "single"), "partial_round": ("fuse", "keep"),
+                                     "score": ("weight_grad", "grad"), "smoothing": ("ema", "none", "su"),
+                                     "threshold": ("top", "quantile"), "threshold_scope": ("global", "per_tensor"),
+                                     "mask_source": ("importance", "random"), "masks_on": ("both", "in", "out"),
+                                     "outer_lr_schedule": ("constant", "trainer")})
+        _check_controls(self)
 
 
 @register
@@ -80,11 +107,6 @@ class RecurrentKIF(MemoryMethod):
 
     def __init__(self, config: RKIFConfig, backbone, run):
         super().__init__(config, backbone, run)
-        check_choices(self.name, config, {"fusion": ("mask", "sum", "global", "adaptive", "release"),
-                                          "outer_optimizer": ("adamw", "sgd", "shared"),
-                                          "outer_smoothing": ("eq7", "none", "running"),
-                                          "importance_weights": ("pre_step", "post_step"),
-                                          "rounds": ("multi", "single"), "partial_round": ("fuse", "keep")})
         self.rounds_log: list[dict] = []
         self.active = False
         self.stage = 0
@@ -120,6 +142,7 @@ class RecurrentKIF(MemoryMethod):
         if self.config.outer_optimizer == "shared":
             return trainer.optimizer
         lr = trainer.args.learning_rate if self.config.outer_lr is None else self.config.outer_lr
+        self.outer_base_lr = lr
         if self.config.outer_optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr)
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -167,6 +190,9 @@ class RecurrentKIF(MemoryMethod):
         cfg, model, acc = self.config, trainer.model_wrapped, trainer.accelerator
         if cfg.outer_smoothing != "running":
             self.outer_step_scores.reset()
+        if cfg.outer_lr_schedule == "trainer":
+            for group in self.outer_opt.param_groups:
+                group["lr"] = self.outer_base_lr * lr_factor(trainer.optimizer)
         model.train()
         for _ in range(cfg.outer_steps):
             loss = model(**self._memory_batch(trainer))["loss"]
@@ -206,8 +232,9 @@ class RecurrentKIF(MemoryMethod):
                 self.i_out = outer_ema(self.i_out, ibar_out, cfg.alpha_out)        # Eq. 7
             else:
                 self.i_out = {n: s.clone() for n, s in ibar_out.items()}
-        m_in = binary_masks(i_in, cfg.top_fraction, cfg.threshold, cfg.threshold_scope)        # Eq. 8
-        m_out = binary_masks(self.i_out, cfg.top_fraction, cfg.threshold, cfg.threshold_scope)
+        generator = self._mask_generator() if cfg.mask_source == "random" else None
+        m_in = self._masks(i_in, "in", generator)                                  # Eq. 8
+        m_out = self._masks(self.i_out, "out", generator)
         if not cfg.share:
             m_in = fusion.drop_shared(m_in, m_out)
         fused, weights = self._fuse(tau_in, tau_out, i_in, m_in, m_out)
@@ -224,6 +251,21 @@ class RecurrentKIF(MemoryMethod):
         self.round += 1
         self.timing["outer"] += t2 - t1
         self.timing["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t2)
+
+    def _masks(self, scores, which: str, generator) -> dict[str, torch.Tensor]:
+        """Eq. 8's masks of one task vector; all ones where ``masks_on`` leaves it whole; random if asked."""
+        cfg = self.config
+        if cfg.masks_on not in ("both", which):
+            return {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+        masks = binary_masks(scores, cfg.top_fraction, cfg.threshold, cfg.threshold_scope)
+        if generator is not None:
+            masks = random_masks_like(masks, generator, cfg.threshold_scope)
+        return masks
+
+    def _mask_generator(self) -> torch.Generator:
+        """The random masks' generator of this round: seeded by (run seed, task, round), not the memory's."""
+        seed = random.Random(f"{self.run.seed}:{self.stage}:{self.round}").getrandbits(63)
+        return torch.Generator().manual_seed(seed)
 
     def _fuse(self, tau_in, tau_out, i_in, m_in, m_out) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The fused parameters and the mean weight each task vector got (for the round's log)."""
@@ -247,7 +289,8 @@ class RecurrentKIF(MemoryMethod):
     # -- diagnostics (Figure 5b / 8 analysis) -------------------------------------------------------
     def _log_round(self, trainer, m_in, m_out, weights: dict[str, float]) -> None:
         record = {"stage": self.stage, "round": self.round, "step": trainer.state.global_step,
-                  **fusion.region_fractions(m_in, m_out), **weights}
+                  **fusion.region_fractions(m_in, m_out), **weights,
+                  "outer_lr": self.outer_opt.param_groups[0]["lr"]}
         if self.prev_mask_out is not None:
             inter = sum(int((m_out[n] & self.prev_mask_out[n]).sum()) for n in m_out)
             record["mask_out_overlap"] = inter / max(1, sum(int(m.sum()) for m in m_out.values()))
@@ -269,6 +312,25 @@ class RecurrentKIF(MemoryMethod):
         super().load_state_dict(tensors, meta)
         self.rounds_log = meta["diagnostics"]["rounds"]
         self.timing = meta["diagnostics"]["seconds"]
+
+
+def _check_controls(cfg: RKIFConfig) -> None:
+    """Refuse a control that would do nothing, or drop a whole task vector, with these options."""
+    if (cfg.mask_source != "importance" or cfg.masks_on != "both") and cfg.fusion not in ("mask", "release"):
+        raise ValueError(f"rkif options mask_source={cfg.mask_source!r}, masks_on={cfg.masks_on!r} act on binary "
+                         f"masks; fusion={cfg.fusion!r} uses none (choose fusion 'mask' or 'release')")
+    if cfg.masks_on == "in" and not cfg.share:
+        raise ValueError("rkif options masks_on='in' with share=False would drop all of tau_in (m_out = 1 everywhere)")
+    if cfg.outer_lr_schedule == "trainer" and cfg.outer_optimizer == "shared":
+        raise ValueError("rkif option outer_lr_schedule='trainer' is for outer_optimizer 'adamw' or 'sgd'; "
+                         "'shared' steps the Trainer's optimizer, which follows its schedule already")
+
+
+def lr_factor(optimizer) -> float:
+    """The current lr of the first parameter group over its initial lr (set by torch's LR schedulers); 1 without one."""
+    group = optimizer.param_groups[0]
+    initial = group.get("initial_lr")
+    return 1.0 if not initial else group["lr"] / initial
 
 
 def _mean(tensors: dict[str, torch.Tensor]) -> float:
