@@ -16,7 +16,8 @@ from rkif.methods import parse_options, resolve
 from tests.test_backbones import EXAMPLES, minilm, tiny_llama, tiny_t5
 
 # two prompts of different lengths, so that both padding layouts (right in training, left in generation) occur
-PAIR = [EXAMPLES[0], Example("t", "Sentence 12: it is really quite good, honestly.\nAnswer:", "good", "Is it good or bad?\n")]
+PAIR = [EXAMPLES[0],
+        Example("t", "Sentence 12: it is really quite good, honestly.\nAnswer:", "good", "Is it good or bad?\n")]
 FAMILY = {tiny_llama: "causal", tiny_t5: "seq2seq"}
 OPTIONS = {"moelora": {"experts": 3}, "l2p": {"pool_size": 4, "prompt_length": 2, "top_n": 2}}
 
@@ -31,8 +32,8 @@ def build(method: str, family_builder, **options):
     return backbone, cls(config, backbone, RunConfig(tasks=["a", "b"]))
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
+@pytest.fixture(scope="module", name="tiny_llama_dir")
+def tiny_llama_dir_fixture(tmp_path_factory):
     """The tiny LLaMA saved as a local model folder (a model name for ``run_experiment``)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     backbone = tiny_llama()
@@ -123,3 +124,21 @@ def test_cached_generation_matches_teacher_forcing(method, family):
 def test_encoder_family_has_no_input_hook():
     with pytest.raises(ValueError, match="encoder family"):
         minilm().add_input_hook(lambda e, m: None)
+
+
+@pytest.mark.parametrize("method", ["moelora", "l2p"])
+def test_rank_mode_scores_match_teacher_forcing(method):
+    """Rank mode repeats each prompt's cache for the candidates: the hook's gate and prefix follow the rows."""
+    backbone, _ = build(method, tiny_llama)
+    nonzero_adapters(backbone)
+    backbone.eval()
+    answers = [backbone.answer_ids(label) for label in ("good", "bad", "maybe so")]
+    prompts = [backbone.prompt_ids(ex) for ex in PAIR]
+    with torch.no_grad():
+        scores = backbone.candidate_log_likelihoods(prompts, answers)          # [2 prompts, 3 answers]
+        for i, prompt in enumerate(prompts):
+            for j, answer in enumerate(answers):
+                ids = torch.tensor([prompt + answer])
+                labels = torch.tensor([[-100] * len(prompt) + answer])
+                expected = -backbone.model(input_ids=ids, labels=labels).loss * len(answer)
+                assert scores[i, j].item() == pytest.approx(expected.item(), abs=1e-4), (i, j)
