@@ -21,24 +21,24 @@ def tokenizer():
     return tok
 
 
-def tiny_t5():
+def tiny_t5(peft_config=None):
     tok = tokenizer()
     cfg = T5Config(vocab_size=tok.vocab_size, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
                    decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
                    eos_token_id=tok.sep_token_id)
     torch.manual_seed(0)
     return Seq2SeqBackbone(BackboneConfig(model="tiny-t5", family="seq2seq", max_length=32, max_target_length=4),
-                           model=T5ForConditionalGeneration(cfg), tokenizer=tok)
+                           model=T5ForConditionalGeneration(cfg), tokenizer=tok, peft_config=peft_config)
 
 
-def tiny_llama():
+def tiny_llama(peft_config=None):
     tok = tokenizer()
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
     torch.manual_seed(0)
     return CausalBackbone(BackboneConfig(model="tiny-llama", family="causal", max_length=32, max_target_length=4),
-                          model=LlamaForCausalLM(cfg), tokenizer=tok)
+                          model=LlamaForCausalLM(cfg), tokenizer=tok, peft_config=peft_config)
 
 
 def minilm():

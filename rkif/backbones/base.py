@@ -8,7 +8,7 @@ selects them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,6 +19,35 @@ from tqdm.auto import tqdm
 
 from rkif.backbones.sources import infer_family
 from rkif.data import Example, Task
+
+# hook(embeddings [B, T, d], prompt_mask [B, T] bool) -> prefix embeddings [B, P, d], or None when P = 0
+InputHook = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def call_input_hook(hook: InputHook, embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                    prefix_length: int) -> torch.Tensor | None:
+    """Run ``hook`` and check that its prefix is [B, prefix_length, d] (None when ``prefix_length`` is 0)."""
+    prefix = hook(embeds, prompt_mask)
+    if not prefix_length:
+        if prefix is not None:
+            raise ValueError("an input hook added with prefix_length=0 returned a prefix")
+        return None
+    expected = (embeds.shape[0], prefix_length, embeds.shape[2])
+    if prefix is None or tuple(prefix.shape) != expected:
+        raise ValueError(f"input hook returned a prefix of shape {None if prefix is None else tuple(prefix.shape)}, "
+                         f"expected {expected}")
+    return prefix.to(embeds.dtype)
+
+
+def prepend(value: float | int, x: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T] -> [B, length + T]: ``length`` columns of ``value`` before ``x``."""
+    return torch.cat([x.new_full((x.shape[0], length), value), x], dim=1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, d], [B, T] -> [B, d]: the mean of ``x`` over the positions where ``mask`` is true (0 where none is)."""
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 @dataclass
@@ -92,6 +121,20 @@ class Backbone(nn.Module):
 
     def predict_batch(self, examples: list[Example]) -> list[str]:
         raise NotImplementedError
+
+    def add_input_hook(self, hook: InputHook, prefix_length: int = 0) -> list:
+        """Show ``hook`` the prompt of every new sequence, and let it prepend ``prefix_length`` embeddings.
+
+        A new sequence is a training forward, the first (prefill) pass of generation or the prompt pass of
+        rank mode; the later passes over the same sequences (decoding steps with a key/value cache) reuse it.
+        ``hook(embeddings, prompt_mask)`` gets the frozen input-token embeddings [B, T, d] and the prompt's
+        positions [B, T] (padding and answer tokens excluded, so training and generation see the same prompt)
+        and returns the prefix [B, prefix_length, d] (or None when ``prefix_length`` is 0). The family extends
+        the attention mask, labels and positions by the prefix. Returns the torch hook handles.
+        Generative families only: the others refuse, naming the family.
+        """
+        raise ValueError(f"the {self.family or type(self).__name__} family has no input hook "
+                         "(prompt and routing methods need a generative family: causal or seq2seq)")
 
     def prompt_length(self, ex: Example) -> int:
         """Size of an example's prompt (what length-sorted prediction sorts by): characters unless overridden."""

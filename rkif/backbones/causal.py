@@ -32,7 +32,7 @@ import inspect
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rkif.backbones.base import Backbone, BackboneConfig
+from rkif.backbones.base import Backbone, BackboneConfig, InputHook, call_input_hook, prepend
 from rkif.backbones.sources import loading, resolve_model
 from rkif.data import Example, Task
 
@@ -156,6 +156,50 @@ class CausalBackbone(Backbone):
         mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r))
                 for r in rows]
         return torch.tensor(padded, device=device), torch.tensor(mask, device=device)
+
+    # -- input hook (prompt and routing methods) -------------------------------------------------
+    def add_input_hook(self, hook: InputHook, prefix_length: int = 0) -> list:
+        """See ``Backbone.add_input_hook``: a forward pre-hook on the language model. A call without a filled
+        key/value cache starts new sequences (the prompt: attention mask and, in training, labels == -100);
+        one with a filled cache continues them (its mask and positions shift by the prefix)."""
+        lm = self.model.get_base_model()
+        embed = lm.get_input_embeddings()
+        p = prefix_length
+
+        def before_forward(module, args, kwargs):
+            if args:
+                raise ValueError("input hooks expect the language model to be called with keyword arguments")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))      # renamed in transformers 5
+            mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+            if mask is not None and not torch.is_tensor(mask):
+                raise ValueError(f"input hooks need a 2-D attention mask tensor, got {type(mask).__name__}")
+            if cache is None or cache.get_seq_length() == 0:               # new sequences
+                ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+                if ids is None:
+                    raise ValueError("input hooks need input_ids (the model was called with embeddings)")
+                embeds = embed(ids)                                         # [B, T, d], frozen
+                prompt = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+                if labels is not None:
+                    prompt = prompt & (labels == -100)                      # the answer is not the prompt
+                prefix = call_input_hook(hook, embeds, prompt, p)
+                if prefix is None:
+                    return None
+                kwargs.update(input_ids=None, inputs_embeds=torch.cat([prefix, embeds], dim=1))
+                if labels is not None:
+                    kwargs["labels"] = prepend(-100, labels, p)
+                if positions is not None:
+                    kwargs["position_ids"] = torch.cat([torch.arange(p, device=positions.device).expand(
+                        positions.shape[0], p), positions + p], dim=1)
+            elif p:                                                         # decoding after a prefix
+                if positions is not None:
+                    kwargs["position_ids"] = positions + p
+            else:
+                return None
+            if mask is not None:
+                kwargs["attention_mask"] = prepend(1, mask, p)
+            return args, kwargs
+
+        return [lm.register_forward_pre_hook(before_forward, with_kwargs=True)]
 
     # -- answers ----------------------------------------------------------------------------------
     def predict_batch(self, examples: list[Example]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rkif.backbones.base import Backbone, BackboneConfig
+from rkif.backbones.base import Backbone, BackboneConfig, InputHook, call_input_hook, prepend
 from rkif.backbones.sources import loading, resolve_model
 from rkif.data import Example, Task
 
@@ -44,3 +44,41 @@ class Seq2SeqBackbone(Backbone):
         ids = self.model.generate(**src, max_new_tokens=self.answer_limit, do_sample=False,
                                   num_beams=1)
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def add_input_hook(self, hook: InputHook, prefix_length: int = 0) -> list:
+        """See ``Backbone.add_input_hook``: a forward pre-hook on the encoder, which reads every prompt once (in
+        training and at the start of generation); with a prefix, one on the model too, so that the decoder's
+        cross-attention mask covers the prefixed encoder states."""
+        lm = self.model.get_base_model()
+        embed = lm.get_input_embeddings()
+        p = prefix_length
+
+        def before_encoder(module, args, kwargs):
+            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            if args or ids is None:
+                raise ValueError("input hooks need the encoder called with input_ids as a keyword argument")
+            embeds = embed(ids)                                              # [B, T, d], frozen
+            t = ids.shape[1]
+            prompt = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[:, -t:].bool()
+            prefix = call_input_hook(hook, embeds, prompt, p)
+            if prefix is None:
+                return None
+            kwargs.update(input_ids=None, inputs_embeds=torch.cat([prefix, embeds], dim=1))
+            if mask is not None and mask.shape[1] == t:                      # not yet extended by before_model
+                kwargs["attention_mask"] = prepend(1, mask, p)
+            return args, kwargs
+
+        def before_model(module, args, kwargs):
+            mask, ids, encoded = kwargs.get("attention_mask"), kwargs.get("input_ids"), kwargs.get("encoder_outputs")
+            if mask is None:
+                return None
+            tokens = ids.shape[1] if ids is not None else encoded[0].shape[1] - p if encoded is not None else None
+            if tokens != mask.shape[1]:
+                return None                                                  # already covers the prefix
+            kwargs["attention_mask"] = prepend(1, mask, p)
+            return args, kwargs
+
+        handles = [lm.get_encoder().register_forward_pre_hook(before_encoder, with_kwargs=True)]
+        if p:
+            handles.append(lm.register_forward_pre_hook(before_model, with_kwargs=True))
+        return handles

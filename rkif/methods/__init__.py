@@ -1,6 +1,20 @@
 """Continual-learning methods: one file each, registered by name (import order fills the registry)."""
 
-from rkif.methods import ewc, inclora, migu, mtl, olora, osf, replay, rkif, seqlora, tasl, vrmcl  # noqa: F401
+from rkif.methods import (  # noqa: F401
+    ewc,
+    inclora,
+    l2p,
+    migu,
+    moelora,
+    mtl,
+    olora,
+    osf,
+    replay,
+    rkif,
+    seqlora,
+    tasl,
+    vrmcl,
+)
 from rkif.methods.base import MemoryMethod, Method, MethodConfig, parse_options
 from rkif.methods.registry import METHODS, PRESETS, available, register, register_preset, resolve
 

@@ -70,6 +70,16 @@ def check_choices(method: str, config: Any, choices: dict[str, tuple]) -> None:
             raise ValueError(f"{method} option {field_name}={value!r}: choose from {tuple(allowed)}")
 
 
+GENERATIVE_FAMILIES = ("causal", "seq2seq")
+
+
+def require_family(method: str, family: str, allowed: tuple[str, ...] = GENERATIVE_FAMILIES) -> None:
+    """Refuse a backbone family the method cannot apply to, naming both (before the model loads)."""
+    if family not in allowed:
+        raise ValueError(f"method {method} cannot run on the {family} family: it needs a "
+                         f"{' or '.join(allowed)} backbone")
+
+
 class Method:
     """Base class of every continual-learning method (see the module docstring for the hooks)."""
 
