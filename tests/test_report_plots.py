@@ -1,0 +1,48 @@
+"""Plots that stay readable: distinct colours, a heatmap for many runs, task boundaries, OP against BWT."""
+
+import matplotlib.axes
+import pytest
+
+from rkif import report
+
+
+def fake_run(method: str, op: float | None = 0.5, bwt: float | None = -0.1, rounds=None) -> dict:
+    acc = [[0.8, 0.6], [None, 0.9]]
+    return {"method": method, "tasks": ["a", "b"], "stages": [["a"], ["b"]], "accuracy": acc, "op": op,
+            "bwt": bwt, "complete": True, "finished_stages": 2, "diagnostics": {"rounds": rounds or []}}
+
+
+@pytest.mark.parametrize("n", [3, 10, 20, 25])
+def test_method_colours_are_distinct(n):
+    assert len(set(report.method_colours(n))) == n
+
+
+def test_many_runs_become_a_heatmap_few_stay_bars(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(report, "_final_heatmap", lambda results, path, labels: drawn.append(len(results)))
+    report.plot_final_accuracy([fake_run(f"m{i}") for i in range(report.MAX_BARS)], tmp_path / "bars.png")
+    assert drawn == [] and (tmp_path / "bars.png").exists()
+    report.plot_final_accuracy([fake_run(f"m{i}") for i in range(report.MAX_BARS + 1)], tmp_path / "heat.png")
+    assert drawn == [report.MAX_BARS + 1]
+
+
+def test_final_heatmap_is_written(tmp_path):
+    report.plot_final_accuracy([fake_run(f"m{i}") for i in range(12)], tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").stat().st_size > 0
+
+
+def test_op_against_bwt_needs_runs_with_both(tmp_path):
+    assert not report.plot_tradeoff([fake_run("mtl", bwt=None)], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert report.plot_tradeoff([fake_run("a"), fake_run("a", op=0.6), fake_run("b")], tmp_path / "t.png")
+    assert (tmp_path / "t.png").exists()
+
+
+def test_rounds_plot_marks_each_new_task(tmp_path, monkeypatch):
+    lines = []
+    real = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, **kw: lines.append(x) or real(self, x, **kw))
+    keys = {"in_only": 0.1, "out_only": 0.1, "shared": 0.1, "neither": 0.7}
+    rounds = [{"stage": s, **keys} for s in (1, 1, 1, 2, 2, 3)]
+    assert report.plot_rounds(fake_run("rkif", rounds=rounds), tmp_path / "r.png")
+    assert sorted(set(lines)) == [2.5, 4.5] and len(lines) == 4          # two boundaries, on both panels
