@@ -19,11 +19,14 @@ Every hook is a documented no-op, so a method overrides only the moments it need
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from rkif.checks import check_choice, check_type, check_types, describe, fail, field_types
 from rkif.data import Example, ReplayMemory, Task
 
 if TYPE_CHECKING:
@@ -35,29 +38,62 @@ if TYPE_CHECKING:
 
 @dataclass
 class MethodConfig:
-    """Options shared by every method (none); subclasses add their own fields."""
+    """Options shared by every method (none); subclasses add their own fields and their ranges in ``check``.
+
+    A config checks itself when built (``__post_init__``), so a bad option is refused before a model loads.
+    """
+
+    method: ClassVar[str] = ""           # the method's name, for messages
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse a field of the wrong type; a subclass adds its ranges (``check_rules``) and choices."""
+        check_types(type(self), vars(self), option_label(type(self)))
+
+    def check_run(self, run: RunConfig) -> None:
+        """Refuse options inconsistent with the run's settings (process count, backbone); none by default."""
+
+
+def option_label(config_cls: type) -> Callable[[str], str]:
+    """How messages name an option of ``config_cls``: ``rkif option top_fraction=``."""
+    return lambda name: f"{getattr(config_cls, 'method', '') or config_cls.__name__} option {name}="
+
+
+def _from_text(label: str, text: str, hint: Any) -> Any:
+    """A ``-O KEY=VALUE`` string as the field's type: bool (true/false, yes/no, 1/0), int, float or none."""
+    allowed = typing.get_args(hint) or (hint,)
+    if str in allowed:
+        return text
+    if type(None) in allowed and text.lower() in ("none", "null"):
+        return None
+    if bool in allowed:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise fail(label, text, "expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    kind = int if int in allowed else float
+    try:
+        return kind(text)
+    except ValueError:
+        raise fail(label, text, f"expected {describe(hint)}") from None
 
 
 def parse_options(config_cls: type, options: dict[str, Any]) -> Any:
-    """Build a method config from ``{field: value}``, converting strings to the field's type."""
-    known = {f.name: f for f in fields(config_cls)}
-    unknown = sorted(set(options) - set(known))
+    """Build (and so check) a method config from ``{field: value}``; strings are read as the field's type."""
+    hints = field_types(config_cls)
+    unknown = sorted(set(options) - set(hints))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}; known: {sorted(known)}")
+        raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}; known: {sorted(hints)}")
+    label = option_label(config_cls)
     values = {}
     for key, value in options.items():
-        default = getattr(config_cls(), key)
-        if isinstance(value, str) and not isinstance(default, str):
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"option {key}: expected a boolean, got {value!r}")
-                value = value.lower() in ("true", "1", "yes")
-            else:
-                kind = type(default) if default is not None else float
-                try:
-                    value = kind(value)
-                except ValueError as err:
-                    raise ValueError(f"option {key}: expected {kind.__name__}, got {value!r}") from err
+        if isinstance(value, str):
+            value = _from_text(label(key), value.strip(), hints[key])
+        check_type(label(key), value, hints[key])
+        if isinstance(value, int) and not isinstance(value, bool) and int not in (typing.get_args(hints[key])
+                                                                                 or (hints[key],)):
+            value = float(value)                    # a float option given as 2 is 2.0
         values[key] = value
     return config_cls(**values)
 
@@ -65,9 +101,7 @@ def parse_options(config_cls: type, options: dict[str, Any]) -> Any:
 def check_choices(method: str, config: Any, choices: dict[str, tuple]) -> None:
     """Refuse a string option outside its allowed values, naming the method and the option."""
     for field_name, allowed in choices.items():
-        value = getattr(config, field_name)
-        if value not in allowed:
-            raise ValueError(f"{method} option {field_name}={value!r}: choose from {tuple(allowed)}")
+        check_choice(f"{method} option {field_name}=", getattr(config, field_name), allowed)
 
 
 class Method:

@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from rkif.checks import AT_LEAST_ONE, EMA_WEIGHT, POSITIVE, Rule, check_rules, fail
+from rkif.config import process_count
 from rkif.data import Example, Task
 from rkif.kif import fusion
 from rkif.kif.importance import MeanImportance, make_tracker, outer_ema, step_scores
 from rkif.kif.masks import binary_masks
-from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
+from rkif.methods.base import MemoryMethod, MethodConfig, check_choices, option_label
 from rkif.methods.registry import register, register_preset
 
 
@@ -67,6 +70,30 @@ class RKIFConfig(MethodConfig):
     rounds: str = "multi"                # multi | single (one fusion at the end of each task)
     partial_round: str = "fuse"          # fuse | keep: steps left after the last full round
 
+    method: ClassVar[str] = "rkif"
+
+    def check(self) -> None:
+        super().check()
+        check_choices(self.method, self, {
+            "outer_optimizer": ("adamw", "sgd", "shared"), "score": ("weight_grad", "grad"),
+            "smoothing": ("ema", "none", "su"), "outer_smoothing": ("eq7", "none", "running"),
+            "importance_weights": ("pre_step", "post_step"),
+            "fusion": ("mask", "sum", "global", "adaptive", "release"), "threshold": ("top", "quantile"),
+            "threshold_scope": ("global", "per_tensor"), "rounds": ("multi", "single"),
+            "partial_round": ("fuse", "keep")})
+        check_rules(self, {
+            "inner_steps": AT_LEAST_ONE, "outer_steps": AT_LEAST_ONE, "outer_batch_size": AT_LEAST_ONE,
+            "outer_lr": POSITIVE, "alpha_in": EMA_WEIGHT, "su_beta": EMA_WEIGHT,
+            "alpha_out": Rule(lambda v: 0 <= v <= 1, "expected a number in [0, 1] (the weight of the new value)"),
+            "top_fraction": Rule(lambda v: 0 < v <= 1, "expected a fraction in (0, 1] of the scalars kept"),
+            "adaptive_temperature": POSITIVE}, option_label(type(self)))
+
+    def check_run(self, run) -> None:
+        """One outer batch is split over the processes (``_memory_batch``)."""
+        if self.outer_batch_size % process_count():
+            raise fail(option_label(type(self))("outer_batch_size"), self.outer_batch_size,
+                       f"expected a multiple of the number of processes ({process_count()})")
+
 
 @register
 class RecurrentKIF(MemoryMethod):
@@ -75,11 +102,6 @@ class RecurrentKIF(MemoryMethod):
 
     def __init__(self, config: RKIFConfig, backbone, run):
         super().__init__(config, backbone, run)
-        check_choices(self.name, config, {"fusion": ("mask", "sum", "global", "adaptive", "release"),
-                                          "outer_optimizer": ("adamw", "sgd", "shared"),
-                                          "outer_smoothing": ("eq7", "none", "running"),
-                                          "importance_weights": ("pre_step", "post_step"),
-                                          "rounds": ("multi", "single"), "partial_round": ("fuse", "keep")})
         self.rounds_log: list[dict] = []
         self.active = False
         self.stage = 0
