@@ -20,13 +20,12 @@ Every hook is a documented no-op, so a method overrides only the moments it need
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from rkif.checks import check_choice, check_type, check_types, describe, fail, field_types
+from rkif.checks import Rule, check_choice, check_rules, check_type, check_types, describe, fail, field_types
 from rkif.data import Example, ReplayMemory, Task
 
 if TYPE_CHECKING:
@@ -49,21 +48,30 @@ class MethodConfig:
         self.check()
 
     def check(self) -> None:
-        """Refuse a field of the wrong type; a subclass adds its ranges (``check_rules``) and choices."""
-        check_types(type(self), vars(self), option_label(type(self)))
+        """Refuse a field of the wrong type; a subclass adds its ranges (``check_ranges``) and choices."""
+        check_types(type(self), vars(self), self.label)
 
     def check_run(self, run: RunConfig) -> None:
         """Refuse options inconsistent with the run's settings (process count, backbone); none by default."""
 
+    def check_ranges(self, rules: dict[str, Rule]) -> None:
+        """Refuse a field outside its rule (``rkif.checks``), naming the method and the option."""
+        check_rules(self, rules, self.label)
 
-def option_label(config_cls: type) -> Callable[[str], str]:
-    """How messages name an option of ``config_cls``: ``rkif option top_fraction=``."""
-    return lambda name: f"{getattr(config_cls, 'method', '') or config_cls.__name__} option {name}="
+    @classmethod
+    def label(cls, name: str) -> str:
+        """How messages name an option: ``rkif option top_fraction=``."""
+        return f"{cls.method or cls.__name__} option {name}="
+
+
+def _kinds(hint: Any) -> tuple:
+    """The types a field's hint allows: ``float | None`` -> (float, NoneType)."""
+    return typing.get_args(hint) or (hint,)
 
 
 def _from_text(label: str, text: str, hint: Any) -> Any:
     """A ``-O KEY=VALUE`` string as the field's type: bool (true/false, yes/no, 1/0), int, float or none."""
-    allowed = typing.get_args(hint) or (hint,)
+    allowed = _kinds(hint)
     if str in allowed:
         return text
     if type(None) in allowed and text.lower() in ("none", "null"):
@@ -79,20 +87,19 @@ def _from_text(label: str, text: str, hint: Any) -> Any:
         raise fail(label, text, f"expected {describe(hint)}") from None
 
 
-def parse_options(config_cls: type, options: dict[str, Any]) -> Any:
+def parse_options(config_cls: type[MethodConfig], options: dict[str, Any]) -> MethodConfig:
     """Build (and so check) a method config from ``{field: value}``; strings are read as the field's type."""
     hints = field_types(config_cls)
     unknown = sorted(set(options) - set(hints))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}; known: {sorted(hints)}")
-    label = option_label(config_cls)
     values = {}
     for key, value in options.items():
+        label = config_cls.label(key)
         if isinstance(value, str):
-            value = _from_text(label(key), value.strip(), hints[key])
-        check_type(label(key), value, hints[key])
-        if isinstance(value, int) and not isinstance(value, bool) and int not in (typing.get_args(hints[key])
-                                                                                 or (hints[key],)):
+            value = _from_text(label, value.strip(), hints[key])
+        check_type(label, value, hints[key])
+        if type(value) is int and int not in _kinds(hints[key]):
             value = float(value)                    # a float option given as 2 is 2.0
         values[key] = value
     return config_cls(**values)

@@ -45,9 +45,9 @@ from typing import ClassVar
 
 import torch
 
-from rkif.checks import NON_NEGATIVE, UNIT, check_rules
+from rkif.checks import NON_NEGATIVE, UNIT
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig, check_choices, option_label
+from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class EWCConfig(MethodConfig):
     def check(self) -> None:
         super().check()
         check_choices(self.method, self, {"fisher_loss": ("sum", "mean")})
-        check_rules(self, {"ewc_lambda": NON_NEGATIVE, "gamma": UNIT}, option_label(type(self)))
+        self.check_ranges({"ewc_lambda": NON_NEGATIVE, "gamma": UNIT})
 
 
 def ewc_penalty(params: Mapping[str, torch.Tensor], anchor: Tensors, fisher: Tensors, lam: float) -> torch.Tensor:

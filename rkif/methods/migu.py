@@ -40,9 +40,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rkif.checks import Rule, check_rules
+from rkif.checks import Rule
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig, option_label
+from rkif.methods.base import Method, MethodConfig
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ class MIGUConfig(MethodConfig):
 
     def check(self) -> None:
         super().check()
-        check_rules(self, {"threshold": Rule(lambda v: 0 <= v <= 1, "expected a quantile in [0, 1]")},
-                    option_label(type(self)))
+        self.check_ranges({"threshold": Rule(lambda v: 0 <= v <= 1, "expected a quantile in [0, 1]")})
 
 
 # -- equations ---------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from typing import ClassVar
 
 import torch
 
-from rkif.checks import NON_NEGATIVE, check_rules
-from rkif.methods.base import check_choices, option_label
+from rkif.checks import NON_NEGATIVE
+from rkif.methods.base import check_choices
 from rkif.methods.inclora import IncLoRA, IncLoRAConfig
 from rkif.methods.registry import register
 
@@ -59,7 +59,7 @@ class OLoRAConfig(IncLoRAConfig):
     def check(self) -> None:
         super().check()
         check_choices(self.method, self, {"orth_form": ORTH_FORMS})
-        check_rules(self, {"lambda1": NON_NEGATIVE, "lambda2": NON_NEGATIVE}, option_label(type(self)))
+        self.check_ranges({"lambda1": NON_NEGATIVE, "lambda2": NON_NEGATIVE})
 
 
 def orth_penalty(a_bank: torch.Tensor, a_new: torch.Tensor, form: str = "abs") -> torch.Tensor:

@@ -56,9 +56,9 @@ import torch
 from peft import OSFConfig, get_peft_model
 from peft.tuners.osf import OSFLayer
 
-from rkif.checks import Rule, check_rules
+from rkif.checks import Rule
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig, check_choices, option_label
+from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -79,9 +79,8 @@ class OSFMethodConfig(MethodConfig):
     def check(self) -> None:
         super().check()
         check_choices(self.method, self, {"schedule": tuple(SCHEDULES)})
-        check_rules(self, {"first_fraction": Rule(lambda v: 0 <= v < 1, "expected 0 <= f0 < 1"),
-                           "lr": Rule(lambda v: v >= 0, "expected a learning rate >= 0 (0 = the run's)")},
-                    option_label(type(self)))
+        self.check_ranges({"first_fraction": Rule(lambda v: 0 <= v < 1, "expected 0 <= f0 < 1"),
+                           "lr": Rule(lambda v: v >= 0, "expected a learning rate >= 0 (0 = the run's)")})
 
     def check_run(self, run) -> None:
         osf_targets(run.backbone)            # a family without default targets needs --lora-targets

@@ -36,13 +36,13 @@ from typing import ClassVar
 
 import torch
 
-from rkif.checks import AT_LEAST_ONE, EMA_WEIGHT, POSITIVE, Rule, check_rules, fail
+from rkif.checks import AT_LEAST_ONE, EMA_WEIGHT, POSITIVE, Rule, fail
 from rkif.config import process_count
 from rkif.data import Example, Task
 from rkif.kif import fusion
 from rkif.kif.importance import MeanImportance, make_tracker, outer_ema, step_scores
 from rkif.kif.masks import binary_masks
-from rkif.methods.base import MemoryMethod, MethodConfig, check_choices, option_label
+from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
 from rkif.methods.registry import register, register_preset
 
 
@@ -81,17 +81,17 @@ class RKIFConfig(MethodConfig):
             "fusion": ("mask", "sum", "global", "adaptive", "release"), "threshold": ("top", "quantile"),
             "threshold_scope": ("global", "per_tensor"), "rounds": ("multi", "single"),
             "partial_round": ("fuse", "keep")})
-        check_rules(self, {
+        self.check_ranges({
             "inner_steps": AT_LEAST_ONE, "outer_steps": AT_LEAST_ONE, "outer_batch_size": AT_LEAST_ONE,
             "outer_lr": POSITIVE, "alpha_in": EMA_WEIGHT, "su_beta": EMA_WEIGHT,
             "alpha_out": Rule(lambda v: 0 <= v <= 1, "expected a number in [0, 1] (the weight of the new value)"),
             "top_fraction": Rule(lambda v: 0 < v <= 1, "expected a fraction in (0, 1] of the scalars kept"),
-            "adaptive_temperature": POSITIVE}, option_label(type(self)))
+            "adaptive_temperature": POSITIVE})
 
     def check_run(self, run) -> None:
         """One outer batch is split over the processes (``_memory_batch``)."""
         if self.outer_batch_size % process_count():
-            raise fail(option_label(type(self))("outer_batch_size"), self.outer_batch_size,
+            raise fail(self.label("outer_batch_size"), self.outer_batch_size,
                        f"expected a multiple of the number of processes ({process_count()})")
 
 

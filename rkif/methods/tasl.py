@@ -40,9 +40,9 @@ from typing import ClassVar
 
 import torch
 
-from rkif.checks import EMA_WEIGHT, NON_NEGATIVE, POSITIVE, UNIT, Rule, check_rules
+from rkif.checks import EMA_WEIGHT, NON_NEGATIVE, POSITIVE, UNIT, Rule
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig, check_choices, option_label
+from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register, register_preset
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,10 @@ class TaSLConfig(MethodConfig):
         super().check()
         check_choices(self.method, self, {"score": ("first_order", "param_mix"), "units": ("matrix", "rank1"),
                                           "rule": ("hard", "soft")})
-        check_rules(self, {"beta1": EMA_WEIGHT, "beta2": EMA_WEIGHT,
+        self.check_ranges({"beta1": EMA_WEIGHT, "beta2": EMA_WEIGHT,
                            "top_percent": Rule(lambda v: 0 < v <= 100, "expected a percentage in (0, 100]"),
                            "both_weight": UNIT, "neither_weight": UNIT, "accumulate_weight": UNIT, "tau": POSITIVE,
-                           "orth_reg": NON_NEGATIVE}, option_label(type(self)))
+                           "orth_reg": NON_NEGATIVE})
 
 
 # -- equations ---------------------------------------------------------------------------------------

@@ -50,9 +50,9 @@ from typing import ClassVar
 import torch
 from torch.func import functional_call
 
-from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Rule, check_rules
+from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Rule
 from rkif.data import Example, Task
-from rkif.methods.base import MemoryMethod, MethodConfig, check_choices, option_label
+from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ class VRMCLConfig(MethodConfig):
     def check(self) -> None:
         super().check()
         check_choices(self.method, self, {"meta_loss": ("mean", "last")})
-        check_rules(self, {"inner_steps": AT_LEAST_ONE, "inner_lr": POSITIVE, "replay_batch_size": NON_NEGATIVE_INT,
-                           "r": Rule(lambda v: 0 <= v < 1, "expected 0 <= r < 1")}, option_label(type(self)))
+        self.check_ranges({"inner_steps": AT_LEAST_ONE, "inner_lr": POSITIVE, "replay_batch_size": NON_NEGATIVE_INT,
+                           "r": Rule(lambda v: 0 <= v < 1, "expected 0 <= r < 1")})
 
 
 # -- equations ---------------------------------------------------------------------------------------
