@@ -58,6 +58,14 @@ class MethodConfig:
         """Refuse a field outside its rule (``rkif.checks``), naming the method and the option."""
         check_rules(self, rules, self.label)
 
+    def check_unused(self, used: dict[str, tuple[bool, str]]) -> None:
+        """Refuse an option set away from its default where the other options make it unused
+        (``used``: option -> (used?, when it is used)), rather than ignore it silently."""
+        for name, (is_used, when) in used.items():
+            default = type(self).__dataclass_fields__[name].default
+            if not is_used and getattr(self, name) != default:
+                raise fail(self.label(name), getattr(self, name), f"used only {when}; leave it out")
+
     @classmethod
     def label(cls, name: str) -> str:
         """How messages name an option: ``rkif option top_fraction=``."""

@@ -87,6 +87,12 @@ class RKIFConfig(MethodConfig):
             "alpha_out": Rule(lambda v: 0 <= v <= 1, "expected a number in [0, 1] (the weight of the new value)"),
             "top_fraction": Rule(lambda v: 0 < v <= 1, "expected a fraction in (0, 1] of the scalars kept"),
             "adaptive_temperature": POSITIVE})
+        self.check_unused({      # (inner_steps and outer_lr stay free: shared settings of every variant in a grid)
+            "alpha_in": (self.smoothing == "ema", "with smoothing=ema"),
+            "su_beta": (self.smoothing == "su", "with smoothing=su"),
+            "alpha_out": (self.outer_smoothing == "eq7", "with outer_smoothing=eq7"),
+            "adaptive_temperature": (self.fusion == "adaptive", "with fusion=adaptive"),
+            "partial_round": (self.rounds == "multi", "with rounds=multi")})
 
     def check_run(self, run) -> None:
         """One outer batch is split over the processes (``_memory_batch``)."""

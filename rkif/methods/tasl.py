@@ -74,6 +74,9 @@ class TaSLConfig(MethodConfig):
                            "top_percent": Rule(lambda v: 0 < v <= 100, "expected a percentage in (0, 100]"),
                            "both_weight": UNIT, "neither_weight": UNIT, "accumulate_weight": UNIT, "tau": POSITIVE,
                            "orth_reg": NON_NEGATIVE})
+        hard = (self.rule == "hard", "with rule=hard")
+        self.check_unused({"top_percent": hard, "both_weight": hard, "neither_weight": hard,
+                           "tau": (self.rule == "soft", "with rule=soft")})
 
 
 # -- equations ---------------------------------------------------------------------------------------
