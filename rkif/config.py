@@ -7,6 +7,7 @@ import platform
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rkif.backbones import BackboneConfig
 from rkif.checks import (
@@ -24,6 +25,9 @@ from rkif.checks import (
 )
 from rkif.data import LONG_ORDERS, SPLITS, STANDARD_ORDERS, default_data_root
 from rkif.precision import resolve_precision
+
+if TYPE_CHECKING:
+    from rkif.methods import Method, MethodConfig
 
 EVAL_SCOPES = ("all", "seen+next")
 # the orders a benchmark accepts: for "long", 1-3 are read as its 1st-3rd order (4-6)
@@ -124,10 +128,9 @@ class RunConfig:
         resolve_precision(self.precision)          # refuses an unknown precision, and fp16 without an accelerator
         _check_report_to(self.report_to)
         self.backbone.check()
-        method_cls, config = self.method_config()
-        config.check_run(self)
+        self.method_config()[1].check_run(self)
 
-    def method_config(self):
+    def method_config(self) -> tuple[type[Method], MethodConfig]:
         """The method class and its config, parsed and checked from ``method`` and ``method_options``."""
         from rkif.methods import parse_options, resolve
 
