@@ -8,7 +8,7 @@ A grid is a small TOML file::
     seeds = [42]
     methods = ["seqlora", "replay", "rkif"]
     [run]                             # RunConfig fields shared by every run
-    train_size = 500
+    train_size = 500                  # or "all" (every example), as test_size
     [backbone]                        # BackboneConfig fields
     max_length = 128
     [method_options.ewc]              # options of one method
@@ -23,6 +23,10 @@ Each run lives in ``<out>/runs/<name>/order<o>-seed<s>/`` (``<name>``: the metho
 variant's, also its name in the table); a finished run is skipped, a
 half-finished one resumes after its last finished task, a failed one is reported and the grid
 goes on. At the end ``table.md`` and the plots are written from every finished run.
+
+Every run of the grid is checked when the grid is loaded (value types, orders, ranges, method
+options: ``RunConfig.check``), and its data before the first run starts, so a bad grid fails in
+one line naming the file, the run and the setting, never hours in.
 
 Several ``rkif bench`` processes may share one grid (e.g. one per GPU, or ``--methods`` to split
 it): each run is claimed with a lock file (``<run>/.lock``, holding host and pid) and a run locked
@@ -45,8 +49,9 @@ from tqdm.auto import tqdm
 
 from rkif import io
 from rkif.backbones import BackboneConfig
-from rkif.config import RunConfig
-from rkif.data import BENCHMARK_DEFAULTS
+from rkif.checks import check_types
+from rkif.config import BENCHMARK_ORDERS, RunConfig
+from rkif.data import BENCHMARK_DEFAULTS, load_task, resolve_task_names
 from rkif.methods import available, parse_options, resolve
 from rkif.report import grid_report
 
@@ -60,6 +65,7 @@ GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone
              "reference"}
 VARIANT_KEYS = {"method", "options", "run"}
 RESERVED_RUN_KEYS = {"method", "method_options", "backbone", "order", "seed", "benchmark", "tasks", "resume", "output"}
+ALL_EXAMPLES = ("train_size", "test_size")       # "all" in a grid: every example (TOML has no null)
 
 
 def load_grid(path: Path) -> dict:
@@ -104,6 +110,7 @@ def load_grid(path: Path) -> dict:
             parse_options(cls_.config_class, options)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: method {name!r}: {err}") from err
+    _check_values(grid, path)
     return grid
 
 
@@ -146,6 +153,51 @@ def _entry(grid: dict, name: str) -> tuple[str, dict, dict]:
 def run_label(run: RunConfig) -> str:
     """The grid's name of a run's configuration: its folder under ``runs/`` (a variant's or the method's name)."""
     return run.output_dir.parent.name
+
+
+def _check_values(grid: dict, path: Path) -> None:
+    """The grid's name, benchmark and orders, the types of its [run] and [backbone] values, then every run."""
+    if not isinstance(grid["name"], str) or not grid["name"].strip():
+        raise ValueError(f"{path}: 'name' must be a non-empty string (the results folder's name)")
+    benchmark = grid.get("benchmark", "standard")
+    if benchmark not in BENCHMARK_ORDERS:
+        raise ValueError(f"{path}: benchmark {benchmark!r}: choose from {', '.join(BENCHMARK_ORDERS)}")
+    bad = sorted(set(grid["orders"]) - set(BENCHMARK_ORDERS[benchmark]))
+    if bad:
+        raise ValueError(f"{path}: orders {bad}: the {benchmark} benchmark has orders "
+                         f"{list(BENCHMARK_ORDERS[benchmark])}")
+    run = grid.setdefault("run", {})
+    for key in ALL_EXAMPLES:
+        if isinstance(run.get(key), str) and run[key].strip().lower() == "all":
+            run[key] = None
+    for section, cls in (("run", RunConfig), ("backbone", BackboneConfig)):
+        try:
+            check_types(cls, grid.get(section, {}), lambda name, s=section: f"[{s}] {name} = ")
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+    for run in grid_runs(grid, Path(grid["name"])):
+        try:
+            run.check()
+        except ValueError as err:
+            raise ValueError(f"{path}: {_run_name(run)}: {err}") from err
+
+
+def _run_name(run: RunConfig) -> str:
+    return f"run {run.method} order {run.order} seed {run.seed}"
+
+
+def check_data(runs: list[RunConfig], path: Path) -> None:
+    """The task names and data files of every run (each file read once): bad data fails before the first run."""
+    seen: set[tuple] = set()
+    for run in runs:
+        try:
+            names = resolve_task_names(Path(run.data), run.benchmark, run.order, run.tasks)
+            for name in names:
+                if (run.data, name, run.eval_split) not in seen:
+                    seen.add((run.data, name, run.eval_split))
+                    load_task(Path(run.data), name, ("train", run.eval_split))
+        except ValueError as err:
+            raise ValueError(f"{path}: {_run_name(run)}: {err}") from err
 
 
 def grid_runs(grid: dict, out: Path, data: str | None = None) -> list[RunConfig]:
@@ -238,6 +290,7 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     selected = [r for r in runs
                 if (methods is None or run_label(r) in methods) and (orders is None or r.order in orders)]
     todo = [] if report_only else [r for r in selected if not is_finished(r)]
+    check_data(todo, config_path)
     done = sum(is_finished(r) for r in runs)
     logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), done, len(todo))
     failed = []

@@ -22,18 +22,27 @@ USER_ERRORS = (DataError, OSError, ValueError, KeyError, ImportError)
 DEBUG_ENV = "RKIF_DEBUG"
 
 
-def _size(text: str) -> int | None:
-    return None if text.lower() in ("all", "none", "0") else int(text)
+def size(text: str) -> int | None:
+    """An example count: a number (checked >= 1 with the other settings) or ``all`` for every example."""
+    return None if text.strip().lower() in ("all", "none") else int(text)
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--option {pair!r}: expected KEY=VALUE")
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in out:
+            raise ValueError(f"--option {key}: given twice ({out[key]!r} and {value.strip()!r}); give it once")
+        out[key] = value.strip()
     return out
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list (``--tasks``, ``--lora-targets``); an empty entry stays, for the check to refuse."""
+    return None if text is None else [t.strip() for t in text.split(",")]
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,8 +63,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=None, help="explicit comma-separated task list (overrides the order)")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (overrides --epochs)")
-    p.add_argument("--train-size", type=_size, default=d.train_size, help="examples per task ('all' for every one)")
-    p.add_argument("--test-size", type=_size, default=d.test_size, help="test examples per task ('all')")
+    p.add_argument("--train-size", type=size, default=d.train_size, help="examples per task ('all' for every one)")
+    p.add_argument("--test-size", type=size, default=d.test_size, help="test examples per task ('all' for every one)")
     p.add_argument("--eval-split", default=d.eval_split, choices=["test", "dev"])
     p.add_argument("--eval-scope", default=d.eval_scope, choices=["all", "seen+next"],
                    help="tasks evaluated after each task: all (full heatmap) or the seen ones and the next "
@@ -92,13 +101,13 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     backbone = BackboneConfig(
         model=a.model, family=a.family, max_length=a.max_length, max_target_length=a.max_target_length,
         lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-        lora_targets=a.lora_targets.split(",") if a.lora_targets else None,
+        lora_targets=_names(a.lora_targets),
         answer_space=a.answer_space, eval_batch_size=a.eval_batch_size, prompt_format=a.prompt_format,
         answer_mode=a.answer_mode)
     return RunConfig(
         method=a.method, method_options=_options(a.option), backbone=backbone,
-        data=a.data or str(default_data_root()), benchmark=a.benchmark, order=a.order,
-        tasks=a.tasks.split(",") if a.tasks else None, train_size=a.train_size, test_size=a.test_size,
+        data=str(default_data_root()) if a.data is None else a.data, benchmark=a.benchmark, order=a.order,
+        tasks=_names(a.tasks), train_size=a.train_size, test_size=a.test_size,
         eval_split=a.eval_split, eval_scope=a.eval_scope, memory_fraction=a.memory_fraction, epochs=a.epochs,
         max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         warmup_steps=a.warmup_steps,
@@ -248,17 +257,18 @@ def run_and_report(config: RunConfig) -> dict:
     """Run (or resume) ``config`` as ``rkif run`` does, write its table and plots, return its results."""
     from rkif.bench import claim
     from rkif.report import report
-    from rkif.runner import is_main_process, run_experiment
+    from rkif.runner import is_main_process, prepare, run_experiment
 
+    tasks = prepare(config)        # every setting and data file checked before the output folder is touched
     if is_main_process():          # one writer per output folder (DDP ranks share their rank 0's claim)
         io.check_output_dir(config.output_dir)          # a file or a read-only folder: refused before the model loads
         with claim(config.output_dir) as mine:
             if not mine:
                 raise FileExistsError(f"{config.output_dir} is being written by another rkif process "
                                       f"(see {config.output_dir / '.lock'}); wait for it or choose another --output")
-            results = run_experiment(config)
+            results = run_experiment(config, tasks)
     else:
-        results = run_experiment(config)
+        results = run_experiment(config, tasks)
     report([config.output_dir], config.output_dir)
     return results
 

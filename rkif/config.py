@@ -2,13 +2,57 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rkif.backbones import BackboneConfig
-from rkif.data import default_data_root
+from rkif.checks import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    NOT_EMPTY,
+    POSITIVE,
+    Rule,
+    check_choice,
+    check_rules,
+    check_types,
+    fail,
+    flag,
+)
+from rkif.data import LONG_ORDERS, SPLITS, STANDARD_ORDERS, default_data_root
+from rkif.data.superni import ORDERS as SUPERNI_ORDERS
+from rkif.precision import resolve_precision
+
+if TYPE_CHECKING:
+    from rkif.methods import Method, MethodConfig
+
+EVAL_SCOPES = ("all", "seen+next")
+# the orders a benchmark accepts: for "long", 1-3 are read as its 1st-3rd order (4-6)
+BENCHMARK_ORDERS = {"standard": STANDARD_ORDERS, "long": STANDARD_ORDERS + LONG_ORDERS,
+                    "superni": tuple(SUPERNI_ORDERS)}
+# the Trainer's schedules that need no further arguments
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+SEED_LIMIT = 2 ** 31
+_EXAMPLES = Rule(lambda v: v >= 1, "expected a number of examples >= 1, or 'all' for every one")
+RUN_RULES = {
+    "method": NOT_EMPTY, "data": NOT_EMPTY, "output": NOT_EMPTY, "train_size": _EXAMPLES, "test_size": _EXAMPLES,
+    "memory_fraction": Rule(lambda v: 0 < v <= 1, "expected a fraction in (0, 1]"),
+    "epochs": Rule(lambda v: v > 0, "expected a number of epochs > 0"),
+    "max_steps": Rule(lambda v: v >= 1, "expected an integer >= 1 (leave it unset to train for --epochs)"),
+    "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "lr": POSITIVE, "warmup_steps": NON_NEGATIVE_INT,
+    "weight_decay": NON_NEGATIVE, "max_grad_norm": Rule(lambda v: v >= 0, "expected a number >= 0 (0: no clipping)"),
+    "seed": Rule(lambda v: 0 <= v < SEED_LIMIT, f"expected an integer in [0, {SEED_LIMIT})"),
+}
+
+
+def process_count() -> int:
+    """The number of processes training together (torchrun's ``WORLD_SIZE``; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -65,6 +109,46 @@ class RunConfig:
     @property
     def output_dir(self) -> Path:
         return Path(self.output)
+
+    def check(self) -> None:
+        """Refuse a setting of the wrong type, out of its range or inconsistent with another, in one line that
+        names it (as the command line spells it), its value and what is allowed. Reads no data and loads no
+        model: the backbone and the method's config check their own fields (the latter against this run)."""
+        check_types(RunConfig, vars(self), flag, skip={"backbone"})
+        if not isinstance(self.backbone, BackboneConfig):
+            raise fail("backbone ", self.backbone, "expected a BackboneConfig")
+        check_rules(self, RUN_RULES, flag)
+        check_choice(flag("benchmark"), self.benchmark, BENCHMARK_ORDERS)
+        if self.tasks is None:
+            check_choice(flag("order"), self.order, BENCHMARK_ORDERS[self.benchmark])
+        elif not self.tasks or not all(t.strip() for t in self.tasks) or len(set(self.tasks)) < len(self.tasks):
+            raise fail(flag("tasks"), ",".join(self.tasks),
+                       "expected comma-separated task names, none empty or repeated")
+        check_choice(flag("eval_split"), self.eval_split, [s for s in SPLITS if s != "train"])
+        check_choice(flag("eval_scope"), self.eval_scope, EVAL_SCOPES)
+        check_choice(flag("lr_scheduler"), self.lr_scheduler, LR_SCHEDULERS)
+        resolve_precision(self.precision)          # refuses an unknown precision, and fp16 without an accelerator
+        _check_report_to(self.report_to)
+        self.backbone.check()
+        self.method_config()[1].check_run(self)
+
+    def method_config(self) -> tuple[type[Method], MethodConfig]:
+        """The method class and its config, parsed and checked from ``method`` and ``method_options``."""
+        from rkif.methods import parse_options, resolve
+
+        method_cls, options = resolve(self.method, self.method_options)
+        return method_cls, parse_options(method_cls.config_class, options)
+
+
+def _check_report_to(value: str) -> None:
+    """An integration the Trainer knows and can load here (its package installed), or none / all."""
+    if value in ("none", "all"):
+        return
+    from transformers.integrations import integration_utils
+
+    check_choice(flag("report_to"), value, ("none", "all", *integration_utils.INTEGRATION_TO_CALLBACK))
+    if value not in integration_utils.get_available_reporting_integrations():
+        raise fail(flag("report_to"), value, "its package is not installed; install it or use --report-to none")
 
 
 def library_versions() -> dict[str, str]:

@@ -23,7 +23,7 @@ from transformers import set_seed
 
 from rkif import io, metrics
 from rkif.backbones import Backbone, build_backbone
-from rkif.config import RunConfig, library_versions
+from rkif.config import EVAL_SCOPES, RunConfig, library_versions
 from rkif.data import Task, load_benchmark, resolve_task_names
 from rkif.methods import Method, parse_options, resolve
 from rkif.precision import autocast, resolve_precision
@@ -38,9 +38,6 @@ _RESUME_FREE = {"resume", "output"}
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-EVAL_SCOPES = ("all", "seen+next")
 
 
 def tasks_to_evaluate(stages: list[list[Task]], j: int, scope: str) -> set[str] | None:
@@ -76,8 +73,7 @@ def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
 
 def build_learner(run: RunConfig, answer_tasks: list[Task]) -> tuple[Backbone, Method]:
     """The run's backbone (answer space: the labels of ``answer_tasks``) and its method, seeded."""
-    method_cls, options = resolve(run.method, run.method_options)
-    method_config = parse_options(method_cls.config_class, options)
+    method_cls, method_config = run.method_config()
     set_seed(run.seed)
     backbone = build_backbone(run.backbone, method_cls.peft_config(method_config, run.backbone))
     backbone.to(training_device())        # where the Trainer will train it: the untrained evaluation runs there too
@@ -85,13 +81,21 @@ def build_learner(run: RunConfig, answer_tasks: list[Task]) -> tuple[Backbone, M
     return backbone, method_cls(method_config, backbone, run)
 
 
-def build(run: RunConfig) -> tuple[list[Task], Backbone, Method]:
-    """Tasks, backbone (answer space set) and method of a run."""
+def prepare(run: RunConfig) -> list[Task]:
+    """Check every setting of ``run`` and load its tasks: whatever is wrong with a run's settings or data
+    is refused here, in one line, before a model loads or its output folder is touched."""
+    run.check()
     names = resolve_task_names(Path(run.data), run.benchmark, run.order, run.tasks)
     tasks = load_benchmark(Path(run.data), names, run.train_size, run.test_size, run.eval_split, run.seed,
                            run.benchmark)
     for task in tasks:                    # an unknown metric or a missing scorer package fails before the model loads
         metrics.scorer(task.metric)
+    return tasks
+
+
+def build(run: RunConfig) -> tuple[list[Task], Backbone, Method]:
+    """Tasks (checked: ``prepare``), backbone (answer space set) and method of a run."""
+    tasks = prepare(run)
     return (tasks, *build_learner(run, tasks))
 
 
@@ -222,8 +226,12 @@ def _results(run, method_config, tasks, stages, columns, initial, extra) -> dict
     }
 
 
-def run_experiment(run: RunConfig) -> dict:
-    """Run (or resume) one continual-learning experiment and return its results dict."""
+def run_experiment(run: RunConfig, tasks: list[Task] | None = None) -> dict:
+    """Run (or resume) one continual-learning experiment and return its results dict.
+
+    ``tasks``: the run's tasks as ``prepare(run)`` returned them (checked and loaded here when None).
+    """
+    tasks = prepare(run) if tasks is None else tasks
     out = run.output_dir
     results_path = out / RESULTS
     if results_path.exists() and not run.resume:
@@ -239,7 +247,7 @@ def run_experiment(run: RunConfig) -> dict:
         if previous["finished_stages"] > 0:
             check_checkpoint(out, previous["finished_stages"] - 1)     # before the model loads
 
-    tasks, backbone, method = build(run)
+    backbone, method = build_learner(run, tasks)
     stages = method.stages(tasks)
     tasks_to_evaluate(stages, 0, run.eval_scope)          # a bad scope fails before any training
     columns: list[list[float]] = []

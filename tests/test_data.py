@@ -361,10 +361,11 @@ def test_user_jsonl_tasks_with_and_without_instruction(tmp_path):
     assert {ex.prompt for ex in bare.split("test")} == {f"Question {i}?\nAnswer:" for i in range(3)}
 
 
-def test_json_preferred_over_jsonl_when_both_exist(tmp_path):
+def test_a_split_in_both_json_and_jsonl_is_refused_naming_both(tmp_path):
     write_task(tmp_path, "x", train=good_records(4))
     write_split(tmp_path, "train", "x", json.dumps(record(0)) + "\n", suffix=".jsonl")
-    assert len(load_task(tmp_path, "x").split("train")) == 4
+    with pytest.raises(DataError, match=r"both .*x\.json and .*x\.jsonl exist"):
+        load_task(tmp_path, "x")
 
 
 def test_load_benchmark_subsample_depends_only_on_seed_and_name(tmp_path):

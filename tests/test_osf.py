@@ -39,7 +39,7 @@ def test_config_targets_schedule_and_options():
     assert osf.OSF.peft_config(parsed, BackboneConfig()).effective_rank == 0.5
     for bad in ({"schedule": "grow"}, {"first_fraction": "1.0"}, {"lr": "-1e-4"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            osf.check_config(parse_options(osf.OSFMethodConfig, bad))
+            parse_options(osf.OSFMethodConfig, bad)
 
 
 def test_on_train_begin_runs_the_stage_at_the_option_lr():
@@ -128,14 +128,14 @@ def _run_config(data, out, **kw) -> RunConfig:
 
 
 def test_osf_trains_through_the_runner_and_resumes_after_a_merge(tiny_data, tmp_path, monkeypatch):
-    real_build, built = runner.build, []
+    real_build, built = runner.build_learner, []
 
-    def capture(run):
-        tasks, backbone, method = real_build(run)
+    def capture(run, tasks):
+        backbone, method = real_build(run, tasks)
         built.append(({n: p.detach().clone() for n, p in backbone.named_parameters()}, backbone))
-        return tasks, backbone, method
+        return backbone, method
 
-    monkeypatch.setattr(runner, "build", capture)
+    monkeypatch.setattr(runner, "build_learner", capture)
     full = runner.run_experiment(_run_config(tiny_data, tmp_path / "full"))
     assert full["complete"] and len(full["accuracy"]) == 3 and all(len(row) == 3 for row in full["accuracy"])
     diagnostics = full["diagnostics"]

@@ -130,7 +130,7 @@ def test_seen_and_next_scope_evaluates_only_what_the_metrics_read(tiny_data, tmp
 
 
 def test_unknown_eval_scope_fails_before_training(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match="eval_scope 'seen'"):
+    with pytest.raises(ValueError, match="--eval-scope 'seen': choose from all, seen"):
         runner.run_experiment(config(tiny_data, tmp_path / "run", method="seqlora", eval_scope="seen"))
     assert not (tmp_path / "run" / "results.json").exists()
 

@@ -32,14 +32,20 @@ import inspect
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rkif.backbones.base import Backbone, BackboneConfig, InputHook, call_input_hook, prepend
+from rkif.backbones.base import (
+    ANSWER_MODES,
+    PROMPT_FORMATS,
+    Backbone,
+    BackboneConfig,
+    InputHook,
+    call_input_hook,
+    prepend,
+)
 from rkif.backbones.sources import loading, resolve_model
 from rkif.data import Example, Task
 
 TAIL_TOKENS = 8            # the end of an input kept when its middle is cut
 RANK_ROWS = 256            # rank mode: at most this many (example, candidate) rows share one prompt cache
-PROMPT_FORMATS = ("raw", "chat")
-ANSWER_MODES = ("generate", "rank")
 _SLOT = "\x00RKIF_PROMPT\x00"
 
 

@@ -15,6 +15,7 @@ Offline names:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from collections.abc import Iterator
@@ -154,3 +155,44 @@ def infer_family(name: str) -> str:
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or []):
         return "causal"
     return "encoder"
+
+
+@functools.cache
+def position_limit(name: str) -> int | None:
+    """The most token positions ``--model NAME`` embeds, from its config.json alone (no weights are read).
+
+    Read for ``minilm``, a local folder and a hub name already in the local cache; None where that is
+    not known cheaply (GGUF files, a hub name not cached) or where the model has no absolute positions
+    (T5's relative attention). RoBERTa-style models reserve ``pad_token_id + 1`` of their positions.
+    """
+    if name == "smollm2" or name.endswith(".gguf"):
+        return None
+    if name == "minilm":
+        try:
+            from rkif.backbones.encoder import minilm_path
+
+            config = minilm_path() / "config.json"
+        except ImportError:            # loading it names the package to install
+            return None
+    else:
+        config = Path(name).expanduser() / "config.json"
+        if not config.is_file():
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(name, "config.json")
+            except ValueError:         # not a hub name either: loading the model says so
+                cached = None
+            if not isinstance(cached, str):
+                return None
+            config = Path(cached)
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    keys = ("max_position_embeddings",) if cfg.get("is_encoder_decoder") else (
+        "max_position_embeddings", "n_positions", "n_ctx")
+    limit = next((cfg[k] for k in keys if isinstance(cfg.get(k), int)), None)
+    if limit is not None and ("roberta" in str(cfg.get("model_type", "")) or cfg.get("model_type") == "camembert"):
+        limit -= int(cfg.get("pad_token_id") or 0) + 1
+    return limit

@@ -102,11 +102,12 @@ def _task_dir(root: Path) -> Path:
 
 def _split_file(root: Path, split: str, task: str) -> Path:
     base = _task_dir(root) / split
-    for suffix in (".json", ".jsonl"):
-        path = base / f"{task}{suffix}"
-        if path.is_file():
-            return path
-    raise DataError(f"task {task!r}: no {split} split at {base / task}.json(l)")
+    found = [base / f"{task}{suffix}" for suffix in (".json", ".jsonl") if (base / f"{task}{suffix}").is_file()]
+    if len(found) > 1:
+        raise DataError(f"task {task!r}: both {found[0]} and {found[1]} exist; keep one of them")
+    if not found:
+        raise DataError(f"task {task!r}: no {split} split at {base / task}.json(l)")
+    return found[0]
 
 
 def read_records(path: Path) -> list[dict]:
@@ -145,6 +146,8 @@ def parse_examples(task: str, path: Path, records: list) -> list[Example]:
         for key in ("input", "output"):
             if not isinstance(rec.get(key), str):
                 raise DataError(f"{path}: record {i} (id {rec.get('id', '?')}) has no string {key!r}")
+        if not rec["output"].strip():
+            raise DataError(f"{path}: record {i} (id {rec.get('id', '?')}) has an empty 'output' (its answer)")
         instruction = rec.get("instruction") or ""
         if not isinstance(instruction, str):
             raise DataError(f"{path}: record {i} has a non-string 'instruction'")
@@ -167,7 +170,7 @@ def available_tasks(root: Path) -> list[str]:
     train = _task_dir(root) / "train"
     if not train.is_dir():
         raise DataError(f"no train/ folder under {_task_dir(root)} (set --data or RKIF_DATA)")
-    return sorted(p.stem for p in train.iterdir() if p.suffix in (".json", ".jsonl"))
+    return sorted({p.stem for p in train.iterdir() if p.suffix in (".json", ".jsonl")})
 
 
 def load_orders(root: Path) -> dict[int, list[str]]:
@@ -175,10 +178,13 @@ def load_orders(root: Path) -> dict[int, list[str]]:
     if not path.is_file():
         raise DataError(f"no task orders at {path}")
     try:
-        orders = json.loads(path.read_text(encoding="utf-8"))
-        return {int(k): list(v) for k, v in orders.items()}
+        orders = {int(k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
     except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as err:
         raise DataError(f"{path}: expected {{\"1\": [task, ...], ...}} ({err})") from err
+    for k, names in orders.items():
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise DataError(f"{path}: order {k} must be a non-empty list of task names, got {names!r}")
+    return orders
 
 
 def resolve_task_names(root: Path, benchmark: str = "standard", order: int = 1,

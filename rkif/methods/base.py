@@ -19,11 +19,13 @@ Every hook is a documented no-op, so a method overrides only the moments it need
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from rkif.checks import Rule, check_choice, check_rules, check_type, check_types, describe, fail, field_types
 from rkif.data import Example, ReplayMemory, Task
 
 if TYPE_CHECKING:
@@ -35,29 +37,78 @@ if TYPE_CHECKING:
 
 @dataclass
 class MethodConfig:
-    """Options shared by every method (none); subclasses add their own fields."""
+    """Options shared by every method (none); subclasses add their own fields and their ranges in ``check``.
+
+    A config checks itself when built (``__post_init__``), so a bad option is refused before a model loads.
+    """
+
+    method: ClassVar[str] = ""           # the method's name, for messages
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse a field of the wrong type; a subclass adds its ranges (``check_ranges``) and choices."""
+        check_types(type(self), vars(self), self.label)
+
+    def check_run(self, run: RunConfig) -> None:
+        """Refuse options inconsistent with the run's settings (process count, backbone); none by default."""
+
+    def check_ranges(self, rules: dict[str, Rule]) -> None:
+        """Refuse a field outside its rule (``rkif.checks``), naming the method and the option."""
+        check_rules(self, rules, self.label)
+
+    def check_unused(self, used: dict[str, tuple[bool, str]]) -> None:
+        """Refuse an option set away from its default where the other options make it unused
+        (``used``: option -> (used?, when it is used)), rather than ignore it silently."""
+        for name, (is_used, when) in used.items():
+            default = type(self).__dataclass_fields__[name].default
+            if not is_used and getattr(self, name) != default:
+                raise fail(self.label(name), getattr(self, name), f"used only {when}; leave it out")
+
+    @classmethod
+    def label(cls, name: str) -> str:
+        """How messages name an option: ``rkif option top_fraction=``."""
+        return f"{cls.method or cls.__name__} option {name}="
 
 
-def parse_options(config_cls: type, options: dict[str, Any]) -> Any:
-    """Build a method config from ``{field: value}``, converting strings to the field's type."""
-    known = {f.name: f for f in fields(config_cls)}
-    unknown = sorted(set(options) - set(known))
+def _kinds(hint: Any) -> tuple:
+    """The types a field's hint allows: ``float | None`` -> (float, NoneType)."""
+    return typing.get_args(hint) or (hint,)
+
+
+def _from_text(label: str, text: str, hint: Any) -> Any:
+    """A ``-O KEY=VALUE`` string as the field's type: bool (true/false, yes/no, 1/0), int, float or none."""
+    allowed = _kinds(hint)
+    if str in allowed:
+        return text
+    if type(None) in allowed and text.lower() in ("none", "null"):
+        return None
+    if bool in allowed:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise fail(label, text, "expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    kind = int if int in allowed else float
+    try:
+        return kind(text)
+    except ValueError:
+        raise fail(label, text, f"expected {describe(hint)}") from None
+
+
+def parse_options(config_cls: type[MethodConfig], options: dict[str, Any]) -> MethodConfig:
+    """Build (and so check) a method config from ``{field: value}``; strings are read as the field's type."""
+    hints = field_types(config_cls)
+    unknown = sorted(set(options) - set(hints))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}; known: {sorted(known)}")
+        raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}; known: {sorted(hints)}")
     values = {}
     for key, value in options.items():
-        default = getattr(config_cls(), key)
-        if isinstance(value, str) and not isinstance(default, str):
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"option {key}: expected a boolean, got {value!r}")
-                value = value.lower() in ("true", "1", "yes")
-            else:
-                kind = type(default) if default is not None else float
-                try:
-                    value = kind(value)
-                except ValueError as err:
-                    raise ValueError(f"option {key}: expected {kind.__name__}, got {value!r}") from err
+        label = config_cls.label(key)
+        if isinstance(value, str):
+            value = _from_text(label, value.strip(), hints[key])
+        check_type(label, value, hints[key])
+        if type(value) is int and int not in _kinds(hints[key]):
+            value = float(value)                    # a float option given as 2 is 2.0
         values[key] = value
     return config_cls(**values)
 
@@ -65,9 +116,7 @@ def parse_options(config_cls: type, options: dict[str, Any]) -> Any:
 def check_choices(method: str, config: Any, choices: dict[str, tuple]) -> None:
     """Refuse a string option outside its allowed values, naming the method and the option."""
     for field_name, allowed in choices.items():
-        value = getattr(config, field_name)
-        if value not in allowed:
-            raise ValueError(f"{method} option {field_name}={value!r}: choose from {tuple(allowed)}")
+        check_choice(f"{method} option {field_name}=", getattr(config, field_name), allowed)
 
 
 GENERATIVE_FAMILIES = ("causal", "seq2seq")

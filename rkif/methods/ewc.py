@@ -41,9 +41,11 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from rkif.checks import NON_NEGATIVE, UNIT
 from rkif.data import Example, Task
 from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register
@@ -60,6 +62,13 @@ class EWCConfig(MethodConfig):
     fisher_samples: int = 200         # per-sample gradients per task (<= 0: every training example)
     normalize_fisher: bool = True     # divide each task's Fisher by its mean: lambda becomes scale-free
     fisher_loss: str = "sum"          # sum: -log p(label sequence) | mean: the backbone's per-token mean loss
+
+    method: ClassVar[str] = "ewc"
+
+    def check(self) -> None:
+        super().check()
+        check_choices(self.method, self, {"fisher_loss": ("sum", "mean")})
+        self.check_ranges({"ewc_lambda": NON_NEGATIVE, "gamma": UNIT})
 
 
 def ewc_penalty(params: Mapping[str, torch.Tensor], anchor: Tensors, fisher: Tensors, lam: float) -> torch.Tensor:
@@ -119,9 +128,6 @@ class EWC(Method):
 
     def __init__(self, config: EWCConfig, backbone, run):
         super().__init__(config, backbone, run)
-        check_choices(self.name, config, {"fisher_loss": ("sum", "mean")})
-        if config.ewc_lambda < 0 or config.gamma < 0:
-            raise ValueError("ewc options ewc_lambda and gamma must be >= 0")
         self.params = backbone.trainable_parameters()
         self.anchor: Tensors | None = None
         self.fisher: Tensors | None = None

@@ -25,6 +25,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -41,6 +42,8 @@ BASE_ADAPTER = "default"     # the adapter the backbone is built with (trained o
 @dataclass
 class IncLoRAConfig(MethodConfig):
     """IncLoRA has no options: the adapters copy the backbone's LoRA config."""
+
+    method: ClassVar[str] = "inclora"
 
 
 def adapter_name(stage: int) -> str:

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from rkif.checks import Rule
 from rkif.data import Example, Task
 from rkif.methods.base import Method, MethodConfig
 from rkif.methods.registry import register
@@ -51,6 +53,12 @@ class MIGUConfig(MethodConfig):
     threshold: float = 0.7           # T: quantile of the unit magnitudes below which a unit is frozen (paper A.1)
     skip_first_task: bool = True     # task 1 trains plainly (official ``is_first_task``)
     pad_mask: bool = False           # average over non-padding tokens only (official code: all positions)
+
+    method: ClassVar[str] = "migu"
+
+    def check(self) -> None:
+        super().check()
+        self.check_ranges({"threshold": Rule(lambda v: 0 <= v <= 1, "expected a quantile in [0, 1]")})
 
 
 # -- equations ---------------------------------------------------------------------------------------
@@ -98,8 +106,6 @@ class MIGU(Method):
 
     def __init__(self, config: MIGUConfig, backbone, run):
         super().__init__(config, backbone, run)
-        if not 0.0 <= config.threshold <= 1.0:
-            raise ValueError(f"migu option threshold={config.threshold}: a quantile in [0, 1]")
         self.stage = 0
         self.handles: list = []
         self.layers: list[tuple[str, nn.Module, str]] = []     # (module name, LoraLayer, adapter)

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from rkif.checks import NON_NEGATIVE
 from rkif.methods.base import check_choices
 from rkif.methods.inclora import IncLoRA, IncLoRAConfig
 from rkif.methods.registry import register
@@ -51,6 +53,13 @@ class OLoRAConfig(IncLoRAConfig):
     lambda2: float = 0.0                  # weight of the L2 term on the new A and B (official Standard: 0)
     orth_form: str = "abs"                # abs: sum |A_bank A_t^T| (official code) | sq: ||A_bank A_t^T||_F^2 (paper)
     scale_with_grad_accum: bool = False   # multiply the terms by grad_accum, as the official code's undivided sum
+
+    method: ClassVar[str] = "olora"
+
+    def check(self) -> None:
+        super().check()
+        check_choices(self.method, self, {"orth_form": ORTH_FORMS})
+        self.check_ranges({"lambda1": NON_NEGATIVE, "lambda2": NON_NEGATIVE})
 
 
 def orth_penalty(a_bank: torch.Tensor, a_new: torch.Tensor, form: str = "abs") -> torch.Tensor:
@@ -79,7 +88,6 @@ class OLoRA(IncLoRA):
     config_class = OLoRAConfig
 
     def __init__(self, config: OLoRAConfig, backbone, run):
-        check_choices(self.name, config, {"orth_form": ORTH_FORMS})
         super().__init__(config, backbone, run)
         self._bank: dict[str, torch.Tensor] | None = None
 

@@ -50,11 +50,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft import OSFConfig, get_peft_model
 from peft.tuners.osf import OSFLayer
 
+from rkif.checks import Rule
 from rkif.data import Example, Task
 from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register
@@ -72,14 +74,16 @@ class OSFMethodConfig(MethodConfig):
     recompute: bool = True            # merge and re-run the SVD between tasks (False: one decomposition)
     lr: float = 1e-4                  # learning rate of the OSF factors (peft: 1e-5 to 1e-4); 0 = the run's lr
 
+    method: ClassVar[str] = "osf"
 
-def check_config(config: OSFMethodConfig) -> None:
-    """Refuse options outside their range, naming the option."""
-    check_choices("osf", config, {"schedule": tuple(SCHEDULES)})
-    if not 0.0 <= config.first_fraction < 1.0:
-        raise ValueError(f"osf option first_fraction={config.first_fraction}: expected 0 <= f0 < 1")
-    if config.lr < 0:
-        raise ValueError(f"osf option lr={config.lr}: expected a learning rate >= 0 (0 = the run's)")
+    def check(self) -> None:
+        super().check()
+        check_choices(self.method, self, {"schedule": tuple(SCHEDULES)})
+        self.check_ranges({"first_fraction": Rule(lambda v: 0 <= v < 1, "expected 0 <= f0 < 1"),
+                           "lr": Rule(lambda v: v >= 0, "expected a learning rate >= 0 (0 = the run's)")})
+
+    def check_run(self, run) -> None:
+        osf_targets(run.backbone)            # a family without default targets needs --lora-targets
 
 
 def osf_targets(backbone_cfg) -> list[str]:
@@ -122,7 +126,6 @@ class OSF(Method):
 
     def __init__(self, config: OSFMethodConfig, backbone, run):
         super().__init__(config, backbone, run)
-        check_config(config)
         self.targets = osf_targets(backbone.config)
         self.n_stages: int | None = None
         self.effective_rank = peft_effective_rank(preserved_fraction(0, 1, config.first_fraction, config.schedule))
@@ -132,7 +135,6 @@ class OSF(Method):
 
     @classmethod
     def peft_config(cls, config: OSFMethodConfig, backbone) -> OSFConfig:
-        check_config(config)
         rank = peft_effective_rank(preserved_fraction(0, 1, config.first_fraction, config.schedule))
         return make_osf_config(osf_targets(backbone), rank)
 

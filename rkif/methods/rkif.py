@@ -48,9 +48,12 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from rkif.checks import AT_LEAST_ONE, EMA_WEIGHT, POSITIVE, Rule, fail
+from rkif.config import process_count
 from rkif.data import Example, Task
 from rkif.kif import fusion
 from rkif.kif.importance import MeanImportance, make_tracker, outer_ema, step_scores
@@ -98,6 +101,36 @@ class RKIFConfig(MethodConfig):
                                      "mask_source": ("importance", "random"), "masks_on": ("both", "in", "out"),
                                      "outer_lr_schedule": ("constant", "trainer")})
         _check_controls(self)
+
+    method: ClassVar[str] = "rkif"
+
+    def check(self) -> None:
+        super().check()
+        check_choices(self.method, self, {
+            "outer_optimizer": ("adamw", "sgd", "shared"), "score": ("weight_grad", "grad"),
+            "smoothing": ("ema", "none", "su"), "outer_smoothing": ("eq7", "none", "running"),
+            "importance_weights": ("pre_step", "post_step"),
+            "fusion": ("mask", "sum", "global", "adaptive", "release"), "threshold": ("top", "quantile"),
+            "threshold_scope": ("global", "per_tensor"), "rounds": ("multi", "single"),
+            "partial_round": ("fuse", "keep")})
+        self.check_ranges({
+            "inner_steps": AT_LEAST_ONE, "outer_steps": AT_LEAST_ONE, "outer_batch_size": AT_LEAST_ONE,
+            "outer_lr": POSITIVE, "alpha_in": EMA_WEIGHT, "su_beta": EMA_WEIGHT,
+            "alpha_out": Rule(lambda v: 0 <= v <= 1, "expected a number in [0, 1] (the weight of the new value)"),
+            "top_fraction": Rule(lambda v: 0 < v <= 1, "expected a fraction in (0, 1] of the scalars kept"),
+            "adaptive_temperature": POSITIVE})
+        self.check_unused({      # (inner_steps and outer_lr stay free: shared settings of every variant in a grid)
+            "alpha_in": (self.smoothing == "ema", "with smoothing=ema"),
+            "su_beta": (self.smoothing == "su", "with smoothing=su"),
+            "alpha_out": (self.outer_smoothing == "eq7", "with outer_smoothing=eq7"),
+            "adaptive_temperature": (self.fusion == "adaptive", "with fusion=adaptive"),
+            "partial_round": (self.rounds == "multi", "with rounds=multi")})
+
+    def check_run(self, run) -> None:
+        """One outer batch is split over the processes (``_memory_batch``)."""
+        if self.outer_batch_size % process_count():
+            raise fail(self.label("outer_batch_size"), self.outer_batch_size,
+                       f"expected a multiple of the number of processes ({process_count()})")
 
 
 @register

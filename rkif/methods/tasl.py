@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from rkif.checks import EMA_WEIGHT, NON_NEGATIVE, POSITIVE, UNIT, Rule
 from rkif.data import Example, Task
 from rkif.methods.base import Method, MethodConfig, check_choices
 from rkif.methods.registry import register, register_preset
@@ -61,6 +63,20 @@ class TaSLConfig(MethodConfig):
     accumulate_weight: float = 0.3   # Ihat_{<=k} = minmax(a I_k + (1 - a) Ihat_{<k})
     tau: float = 0.25                # temperature of the soft rule
     orth_reg: float = 0.0            # TasLoRA's orthogonality term weight (0.1 there; 0 = ACL'24)
+
+    method: ClassVar[str] = "tasl"
+
+    def check(self) -> None:
+        super().check()
+        check_choices(self.method, self, {"score": ("first_order", "param_mix"), "units": ("matrix", "rank1"),
+                                          "rule": ("hard", "soft")})
+        self.check_ranges({"beta1": EMA_WEIGHT, "beta2": EMA_WEIGHT,
+                           "top_percent": Rule(lambda v: 0 < v <= 100, "expected a percentage in (0, 100]"),
+                           "both_weight": UNIT, "neither_weight": UNIT, "accumulate_weight": UNIT, "tau": POSITIVE,
+                           "orth_reg": NON_NEGATIVE})
+        hard = (self.rule == "hard", "with rule=hard")
+        self.check_unused({"top_percent": hard, "both_weight": hard, "neither_weight": hard,
+                           "tau": (self.rule == "soft", "with rule=soft")})
 
 
 # -- equations ---------------------------------------------------------------------------------------
@@ -188,8 +204,6 @@ class TaSL(Method):
 
     def __init__(self, config: TaSLConfig, backbone, run):
         super().__init__(config, backbone, run)
-        check_choices(self.name, config, {"score": ("first_order", "param_mix"), "units": ("matrix", "rank1"),
-                                          "rule": ("hard", "soft")})
         self.params = backbone.trainable_parameters()
         self.units = SkillUnits(self._shapes(), config.units)
         self.accumulated: torch.Tensor | None = None       # Ihat_{<k}, one value per unit

@@ -45,10 +45,12 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.func import functional_call
 
+from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Rule
 from rkif.data import Example, Task
 from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
 from rkif.methods.registry import register
@@ -69,6 +71,14 @@ class VRMCLConfig(MethodConfig):
     replay_batch_size: int = 0           # replay examples per process and step; 0 = batch_size * grad_accum
     keep_momentum: bool = True           # carry ghat and theta_{b-1} across tasks (official)
     clip_update: bool = True             # clip the ghat written into .grad to max_grad_norm
+
+    method: ClassVar[str] = "vrmcl"
+
+    def check(self) -> None:
+        super().check()
+        check_choices(self.method, self, {"meta_loss": ("mean", "last")})
+        self.check_ranges({"inner_steps": AT_LEAST_ONE, "inner_lr": POSITIVE, "replay_batch_size": NON_NEGATIVE_INT,
+                           "r": Rule(lambda v: 0 <= v < 1, "expected 0 <= r < 1")})
 
 
 # -- equations ---------------------------------------------------------------------------------------
@@ -124,9 +134,6 @@ class VRMCL(MemoryMethod):
 
     def __init__(self, config: VRMCLConfig, backbone, run):
         super().__init__(config, backbone, run)
-        check_choices(self.name, config, {"meta_loss": ("mean", "last")})
-        if config.inner_steps < 1 or not 0.0 <= config.r < 1.0:
-            raise ValueError(f"vrmcl: inner_steps >= 1 and 0 <= r < 1 (got {config.inner_steps}, {config.r})")
         self.stage = 0
         self.active = False
         self.current: list[dict] = []
