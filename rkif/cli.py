@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from rkif import io
+from rkif import console, io
 from rkif.backbones import FAMILIES, BackboneConfig
 from rkif.backbones.sources import MODEL_DEFAULTS
 from rkif.config import RunConfig
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error (also: {DEBUG_ENV}=1); errors are one line otherwise")
+    common.add_argument("--verbose", action="store_true",
+                        help="also print the Trainer's log dicts and the dependencies' warnings (always in "
+                             "<output>/trainer/log.jsonl and --report-to)")
     profiles = "; ".join(f"--{kind} {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                          for kind, table in (("model", MODEL_DEFAULTS), ("benchmark", BENCHMARK_DEFAULTS))
                          for m, d in table.items())
@@ -167,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("rkif")
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    console.VERBOSE = getattr(args, "verbose", False)
+    if not console.VERBOSE:
+        console.quiet_dependencies()
     try:
         return _command(args)
     except KeyboardInterrupt:

@@ -106,7 +106,7 @@ def learn_stage(j: int, stage: list[Task], backbone: Backbone, method: Method, r
     train = [ex for t in stage for ex in t.split("train")]
     data = method.before_task(j, stage, train)
     logger.info("stage %d: %s (%d training examples)", j + 1, "+".join(t.name for t in stage), len(data))
-    log = train_stage(backbone, data, method, run, j, workdir)
+    log = train_stage(backbone, data, method, run, j, workdir, desc=f"train {j + 1}: {'+'.join(t.name for t in stage)}")
     method.after_task(j, stage, train)
     return log
 
@@ -284,4 +284,4 @@ def run_experiment(run: RunConfig, tasks: list[Task] | None = None) -> dict:
 
 
 def _fmt(tasks: list[Task], accs: list[float | None]) -> str:
-    return " ".join(f"{t.name}={a:.3f}" for t, a in zip(tasks, accs) if a is not None)
+    return "  ".join(f"{t.name} {100 * a:.1f}" for t, a in zip(tasks, accs) if a is not None)

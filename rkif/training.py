@@ -15,10 +15,12 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from rkif.backbones import Backbone
 from rkif.config import RunConfig
+from rkif.console import ConsoleCallback
 from rkif.data import Example
 from rkif.methods import Method
 from rkif.precision import resolve_precision
@@ -127,7 +129,7 @@ def training_arguments(run: RunConfig, stage: int, workdir: str) -> TrainingArgu
         data_seed=run.seed + stage,
         save_strategy="no",
         report_to=run.report_to,
-        logging_steps=10,
+        logging_steps=5,                                # the progress bar's live loss
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.accelerator.is_available(),   # CPU-only: lets torchrun/accelerate run DDP on gloo
@@ -143,10 +145,14 @@ def _length_grouping(on: bool) -> dict:
 
 
 def train_stage(backbone: Backbone, data: list[Example], method: Method, run: RunConfig,
-                stage: int, workdir: str) -> dict:
-    """Train one stage with a fresh optimizer and schedule (as every reference code does)."""
+                stage: int, workdir: str, desc: str | None = None) -> dict:
+    """Train one stage with a fresh optimizer and schedule (as every reference code does); the terminal
+    shows one progress bar (``desc``), the Trainer's logs go to ``workdir/log.jsonl`` (``rkif.console``)."""
     trainer = ContinualTrainer(model=backbone, args=training_arguments(run, stage, workdir),
                                train_dataset=data, data_collator=backbone.collate, method=method)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ConsoleCallback(desc or f"train stage {stage + 1}"))
     result = trainer.train()
     return {"steps": result.global_step, "train_loss": result.training_loss,
             "train_seconds": result.metrics.get("train_runtime")}

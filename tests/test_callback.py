@@ -191,7 +191,7 @@ def test_python_entry_point_runs_what_the_command_runs(monkeypatch, argv, settin
 
 def test_every_run_option_is_a_setting_of_the_python_entry_point():
     run_parser = cli.build_parser().get_default("run_parser")
-    dests = {a.dest for a in run_parser._actions} - {"help", "option", "debug"}  # -O: method_options; --debug: a switch
+    dests = {a.dest for a in run_parser._actions} - {"help", "option", "debug", "verbose"}  # -O: method_options
     config = cli.settings_config()
     assert dests <= set(config.__dataclass_fields__) | set(config.backbone.__dataclass_fields__)
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['max_step'\]"):

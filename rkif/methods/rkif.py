@@ -331,7 +331,8 @@ class RecurrentKIF(MemoryMethod):
         self.prev_mask_out = m_out
         self.prev_i_out = {n: t.clone() for n, t in self.i_out.items()}
         self.rounds_log.append(record)
-        trainer.log({f"rkif/{k}": v for k, v in record.items() if k not in ("stage", "round", "step")})
+        trainer.log({**{f"rkif/{k}": v for k, v in record.items() if k not in ("stage", "round", "step")},
+                     "rkif/round": record["round"] + 1})                  # rounds closed so far in this task
 
     def diagnostics(self) -> dict:
         return {"rounds": self.rounds_log, "seconds": dict(self.timing)}

@@ -1,0 +1,68 @@
+"""What a run shows in the terminal: one progress bar per training stage, with the live loss and a
+method's round in its postfix; the runner's line per finished stage; the final matrix (the CLI).
+
+The Trainer's log dicts, a method's per-round diagnostics included, go to ``<workdir>/log.jsonl`` (one
+JSON object per line) and to the loggers of ``--report-to``; the terminal shows them only with
+``--verbose``. ``quiet_dependencies`` silences what a user cannot act on (deprecations inside
+dependencies, their loading bars).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+VERBOSE = False          # the CLI's --verbose: Trainer log dicts in the terminal too
+
+
+def quiet_dependencies() -> None:
+    """Hide dependency deprecation warnings and transformers' own loading bars and info logs."""
+    import transformers
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|torch)(\.|$)")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class ConsoleCallback(TrainerCallback):
+    """A progress bar over the stage's optimizer steps and the Trainer's logs written to ``log.jsonl``."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar: tqdm | None = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.log_path = Path(args.output_dir) / "log.jsonl"
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True,
+                        disable=not state.is_local_process_zero)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+        if "loss" in logs:
+            self.postfix["loss"] = f"{float(logs['loss']):.3f}"
+        for key, value in logs.items():
+            if key.endswith("/round"):
+                self.postfix[key.rsplit("/", 1)[0] + " round"] = str(value)
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+            if VERBOSE:
+                self.bar.write(json.dumps(logs))
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
