@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: RunConfig) -> int:
     from rkif.bench import claim
+    from rkif.distributed import leave_process_group
     from rkif.report import matrix_table, report
     from rkif.runner import is_main_process, run_experiment
 
@@ -172,6 +173,9 @@ def _run(config: RunConfig) -> int:
             results = run_experiment(config)
     else:
         results = run_experiment(config)
+    leave_process_group()          # under torchrun: every rank done, gloo/nccl torn down before exit
+    if not is_main_process():
+        return 0
     print(matrix_table(results))
     report([config.output_dir], config.output_dir)
     print(f"\nresults, checkpoints and plots in {config.output_dir}")

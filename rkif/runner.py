@@ -25,6 +25,7 @@ from rkif import io, metrics
 from rkif.backbones import Backbone, build_backbone
 from rkif.config import RunConfig, library_versions
 from rkif.data import Task, load_benchmark, resolve_task_names
+from rkif.distributed import predict_sharded
 from rkif.methods import Method, parse_options, resolve
 from rkif.precision import autocast, resolve_precision
 from rkif.training import train_stage, training_device
@@ -59,7 +60,8 @@ def tasks_to_evaluate(stages: list[list[Task]], j: int, scope: str) -> set[str] 
 def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
              only: set[str] | None = None, precision: str = "fp32") -> list[float | None]:
     """Accuracy (exact match) of the current model on every task's evaluation split (None: not in ``only``),
-    under the run's ``precision`` (autocast for bf16/fp16)."""
+    under the run's ``precision`` (autocast for bf16/fp16). Under DDP each rank answers its share of the
+    examples and every rank gets every answer (``predict_sharded``): all ranks must call it."""
     accs: list[float | None] = []
     device_type = backbone.device.type
     precision = resolve_precision(precision, device_type)
@@ -69,7 +71,7 @@ def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
             continue
         examples = task.split(split)
         with autocast(precision, device_type):
-            answers = backbone.predict(examples, desc=f"{desc} {task.name}")
+            answers = predict_sharded(backbone, examples, desc=f"{desc} {task.name}")
         accs.append(metrics.accuracy(answers, [ex.output for ex in examples]))
     return accs
 
