@@ -7,8 +7,8 @@ collectives per call, whatever its share (even none), so the ranks cannot fall o
 
 ``leave_process_group`` ends a distributed run: ``destroy_process_group`` alone leaves gloo's threads
 running, because the Trainer's reference cycles keep the group's C++ object alive until the interpreter
-shuts down, and a thread still alive then can abort the process ("terminate called without an active
-exception").
+shuts down, and a collective's thread still alive at shutdown is a known way for a rank to abort
+("terminate called without an active exception").
 """
 
 from __future__ import annotations

@@ -66,8 +66,13 @@ def main(out: str, batch_size: int) -> None:
 
 def thread_names() -> list[str]:
     """This process's native threads (Linux; gloo's are pt_gloo_runloop and gloo_tcp_loop)."""
-    tasks = Path("/proc/self/task")
-    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.is_dir() else []
+    names = []
+    for task in Path("/proc/self/task").glob("*/comm"):
+        try:
+            names.append(task.read_text().strip())
+        except OSError:                         # a thread that ended meanwhile
+            pass
+    return sorted(names)
 
 
 if __name__ == "__main__":
