@@ -275,14 +275,20 @@ def run_and_report(config: RunConfig) -> dict:
             results = run_experiment(config, tasks)
     else:
         results = run_experiment(config, tasks)
-    report([config.output_dir], config.output_dir)
+    if is_main_process():          # one writer of the table and plots
+        report([config.output_dir], config.output_dir)
     return results
 
 
 def _run(config: RunConfig) -> int:
+    from rkif.distributed import leave_process_group
     from rkif.report import matrix_table
+    from rkif.runner import is_main_process
 
     results = run_and_report(config)
+    leave_process_group()          # under torchrun: every rank done, gloo/nccl torn down before exit
+    if not is_main_process():
+        return 0
     print(matrix_table(results))
     print(f"\nresults, checkpoints and plots in {config.output_dir}")
     return 0

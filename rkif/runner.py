@@ -25,6 +25,7 @@ from rkif import io, metrics
 from rkif.backbones import Backbone, build_backbone
 from rkif.config import EVAL_SCOPES, RunConfig, library_versions
 from rkif.data import Task, load_benchmark, resolve_task_names
+from rkif.distributed import predict_sharded
 from rkif.methods import Method, parse_options, resolve
 from rkif.precision import autocast, resolve_precision
 from rkif.training import train_stage, training_device
@@ -56,7 +57,9 @@ def tasks_to_evaluate(stages: list[list[Task]], j: int, scope: str) -> set[str] 
 def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
              only: set[str] | None = None, precision: str = "fp32") -> list[float | None]:
     """Score of the current model on every task's evaluation split (None: not in ``only``), by the task's
-    metric (exact match, ROUGE-L: ``rkif.metrics``), under the run's ``precision`` (autocast for bf16/fp16)."""
+    metric (exact match, ROUGE-L: ``rkif.metrics``), under the run's ``precision`` (autocast for bf16/fp16).
+    Under DDP each rank answers its share of the examples and every rank gets every answer
+    (``predict_sharded``): all ranks must call it."""
     accs: list[float | None] = []
     device_type = backbone.device.type
     precision = resolve_precision(precision, device_type)
@@ -66,7 +69,7 @@ def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
             continue
         examples = task.split(split)
         with autocast(precision, device_type):
-            answers = backbone.predict(examples, desc=f"{desc} {task.name}")
+            answers = predict_sharded(backbone, examples, desc=f"{desc} {task.name}")
         accs.append(metrics.score(task.metric, answers, [ex.answers for ex in examples]))
     return accs
 
