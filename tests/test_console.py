@@ -6,10 +6,10 @@ from rkif import console
 from rkif.cli import main
 
 
-def _run(tiny_data, out, *extra):
-    return main(["run", "--method", "rkif", "-O", "inner_steps=2", "-O", "outer_steps=1", "--data", str(tiny_data),
-                 "--tasks", "alpha,beta", "--train-size", "all", "--test-size", "all", "--max-steps", "10",
-                 "--batch-size", "4", "--max-length", "32", "--output", str(out), *extra])
+def _run(tiny_data, out, *extra, tasks="alpha,beta", method=("rkif", "-O", "inner_steps=2", "-O", "outer_steps=1")):
+    return main(["run", "--method", *method, "--data", str(tiny_data), "--tasks", tasks, "--train-size", "all",
+                 "--test-size", "all", "--max-steps", "6", "--batch-size", "4", "--max-length", "32",
+                 "--output", str(out), *extra])
 
 
 def test_log_dicts_go_to_the_log_file_not_the_terminal(tiny_data, tmp_path, capsys, monkeypatch):
@@ -24,6 +24,6 @@ def test_log_dicts_go_to_the_log_file_not_the_terminal(tiny_data, tmp_path, caps
 
 
 def test_verbose_prints_the_log_dicts(tiny_data, tmp_path, capsys):
-    assert _run(tiny_data, tmp_path / "loud", "--verbose") == 0
+    assert _run(tiny_data, tmp_path / "loud", "--verbose", tasks="alpha", method=("seqlora",)) == 0
     assert '"loss"' in "".join(capsys.readouterr())
     console.VERBOSE = False
