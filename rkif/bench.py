@@ -269,8 +269,9 @@ def claim(run_dir: Path) -> Iterator[bool]:
 
 def bench(config_path: Path, out: Path | None = None, data: str | None = None,
           report_only: bool = False, methods: list[str] | None = None,
-          orders: list[int] | None = None) -> tuple[str, list[str]]:
-    """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots.
+          orders: list[int] | None = None, html: bool = False) -> tuple[str, list[str]]:
+    """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots
+    (with ``html``, also the page report.html).
 
     ``methods`` and ``orders`` restrict the runs to part of the grid (e.g. one order of every
     method first, or a share for another process); the table still covers every finished run.
@@ -308,7 +309,7 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     io.write_json(out / "grid.json", {**grid, "config_file": str(config_path)})
     finished = [r for r in runs if is_finished(r)]
     table = grid_report(out, finished, grid.get("benchmark", "standard"), [run_label(r) for r in finished],
-                        grid.get("reference"))
+                        grid.get("reference"), html, grid["name"])
     if len(finished) < len(runs):
         table += f"\n\n{len(finished)} of {len(runs)} runs finished; `rkif bench {config_path}` resumes the rest."
     if failed:

@@ -137,12 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None,
                      help="where to write table.md and PNGs (default: reports/<run names>; never a run folder "
                           "unless given here)")
+    rep.add_argument("--html", action="store_true",
+                     help="also report.html: one self-contained page (table, every plot, each run's settings)")
     bench_p = sub.add_parser("bench", parents=[common],
                              help="run a grid (methods x orders x seeds) into one table, resumably")
     bench_p.add_argument("config", help="grid file (TOML), e.g. benchmarks/standard.toml")
     bench_p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<name>)")
     bench_p.add_argument("--data", default=None, help="data root (default: the grid's, $RKIF_DATA or ../shared/data)")
     bench_p.add_argument("--report", action="store_true", help="only write the table and plots of finished runs")
+    bench_p.add_argument("--html", action="store_true",
+                         help="also report.html beside table.md: one self-contained page, readable offline")
     bench_p.add_argument("--methods", default=None,
                          help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
     bench_p.add_argument("--orders", default=None, help="comma-separated subset of the grid's orders to run")
@@ -215,15 +219,15 @@ def _command(args: argparse.Namespace) -> int:
         only = args.methods.split(",") if args.methods else None
         orders = [int(o) for o in args.orders.split(",")] if args.orders else None
         table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
-                              only, orders)
+                              only, orders, args.html)
         print(table)
         return 1 if failed else 0
     if args.command == "report":
         from rkif.report import default_report_dir, report
         dirs = [Path(d) for d in args.dirs]
         out = Path(args.out) if args.out else default_report_dir(dirs)
-        print(report(dirs, out))
-        print(f"\ntable.md and plots written to {out}")
+        print(report(dirs, out, args.html))
+        print(f"\ntable.md{', report.html' if args.html else ''} and plots written to {out}")
         return 0
     from rkif.methods import available
     print("\n".join(available()))

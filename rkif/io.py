@@ -40,6 +40,15 @@ def write_json(path: Path, obj) -> None:
     _atomic(Path(path), write)
 
 
+def write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write UTF-8 text atomically (a crash leaves the previous file intact), readable by others by default
+    (the temporary file is private)."""
+    def write(tmp):
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.chmod(tmp, mode)
+    _atomic(Path(path), write)
+
+
 def read_json(path: Path):
     path = Path(path)
     try:

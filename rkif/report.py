@@ -223,6 +223,7 @@ def plot_tradeoff(results: list[dict], path: Path, labels: list[str] | None = No
         ax.errorbar(x, y, xerr=[[x - min(bwt)], [max(bwt) - x]], yerr=[[y - min(op)], [max(op) - y]],
                     fmt="o", color=colour, capsize=2, label=f"{label} ({len(pts)})")
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.margins(x=0.12, y=0.08)          # room for the names of the outermost points
     ax.set_xlabel("BWT (%)  (higher: less forgetting)")
     ax.set_ylabel("OP (%)")
     ax.grid(alpha=0.3)
@@ -233,28 +234,45 @@ def plot_tradeoff(results: list[dict], path: Path, labels: list[str] | None = No
     return True
 
 
-def report(paths: list[Path], out: Path | None = None) -> str:
+# captions of the plots in report.html
+MATRIX_CAPTION = "score of each task (rows) after each training stage (columns)"
+ROUNDS_CAPTION = "Recurrent-KIF: knowledge identification per fusion round"
+FINAL_CAPTION = "final score per task"
+TRADEOFF_CAPTION = "OP against BWT: mean over each entry's runs, bars from min to max"
+
+
+def report(paths: list[Path], out: Path | None = None, html: bool = False) -> str:
     """Write heatmaps, final-accuracy plots (one per task list) and table.md into ``out`` (default:
-    ``default_report_dir``), each run named by its folder; return the markdown table."""
+    ``default_report_dir``), each run named by its folder, and with ``html`` the page report.html
+    (``rkif.html_report``); return the markdown table."""
     paths = list({_results_file(Path(p)).resolve(): Path(p) for p in paths}.values())    # a run given twice: once
     results, labels = load_results(paths), run_labels(paths)
     out = out or default_report_dir(paths)
     io.check_output_dir(out, "--out")
+    runs = []
     for r, label in zip(results, labels):
-        plot_matrix(r, out / f"matrix_{_file_name(label)}.png", label)
-        plot_rounds(r, out / f"rounds_{_file_name(label)}.png", label)
+        plots = [(out / f"matrix_{_file_name(label)}.png", MATRIX_CAPTION),
+                 (out / f"rounds_{_file_name(label)}.png", ROUNDS_CAPTION)]
+        plot_matrix(r, plots[0][0], label)
+        runs.append((label, r, plots if plot_rounds(r, plots[1][0], label) else plots[:1]))
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(results):
         groups.setdefault(tuple(r["tasks"]), []).append(i)
     table = summary_table(results, labels)
-    plot_tradeoff(results, out / "op_vs_bwt.png", labels)
+    figures = [(out / "op_vs_bwt.png", TRADEOFF_CAPTION)] if plot_tradeoff(results, out / "op_vs_bwt.png",
+                                                                            labels) else []
     for k, members in enumerate(groups.values()):
         name = "final_accuracy.png" if len(groups) == 1 else f"final_accuracy_{k + 1}.png"
         plot_final_accuracy([results[i] for i in members], out / name, [labels[i] for i in members])
+        figures.insert(k, (out / name, f"{FINAL_CAPTION}, tasks {', '.join(results[members[0]]['tasks'])}"))
         if len(groups) > 1:
             table += (f"\n\n{name}: {', '.join(labels[i] for i in members)} "
                       f"(tasks {', '.join(results[members[0]]['tasks'])})")
     (out / "table.md").write_text(table + "\n")
+    if html:
+        from rkif.html_report import write_html
+        write_html(out / "report.html", f"rkif report: {', '.join(labels[:3])}"
+                   f"{f' and {len(labels) - 3} more' if len(labels) > 3 else ''}", table, figures, runs)
     return table
 
 
@@ -378,11 +396,12 @@ def paired_table(results: list[dict], reference: str) -> str:
 
 
 def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None = None,
-                reference: str | None = None) -> str:
+                reference: str | None = None, html: bool = False, title: str | None = None) -> str:
     """table.md, per-run heatmaps and per-order final-accuracy plots of a grid's finished runs.
 
     ``labels``: each run's name in the grid (a variant's name; default the method's). With
-    ``reference``, table.md adds the paired differences of every entry to that one.
+    ``reference``, table.md adds the paired differences of every entry to that one. With ``html``,
+    also report.html (``rkif.html_report``), titled ``title`` (default: the folder's name).
     """
     results = [io.read_json(r.output_dir / "results.json") for r in runs]
     if labels is not None:
@@ -390,14 +409,24 @@ def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None 
             r["method"] = label
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+    per_run = []
     for r in results:
-        plot_matrix(r, plots / f"matrix_{r['method']}_order{r['order']}_seed{r['config']['seed']}.png")
-        plot_rounds(r, plots / f"rounds_{r['method']}_order{r['order']}_seed{r['config']['seed']}.png")
+        name = f"{r['method']}_order{r['order']}_seed{r['config']['seed']}"
+        files = [(plots / f"matrix_{name}.png", MATRIX_CAPTION), (plots / f"rounds_{name}.png", ROUNDS_CAPTION)]
+        plot_matrix(r, files[0][0])
+        per_run.append((r["method"], r, files if plot_rounds(r, files[1][0]) else files[:1]))
+    figures = []
     for order in sorted({r["order"] for r in results}):
-        plot_final_accuracy([r for r in results if r["order"] == order], plots / f"final_accuracy_order{order}.png")
-    plot_tradeoff(results, plots / "op_vs_bwt.png")
+        figures.append((plots / f"final_accuracy_order{order}.png", f"{FINAL_CAPTION}, order {order}"))
+        plot_final_accuracy([r for r in results if r["order"] == order], figures[-1][0])
+    if plot_tradeoff(results, plots / "op_vs_bwt.png"):
+        figures.append((plots / "op_vs_bwt.png", TRADEOFF_CAPTION))
     table = grid_table(results, benchmark) if results else "(no finished runs yet)"
     if reference and results:
         table += "\n\n" + paired_table(results, reference)
     (out / "table.md").write_text(table + "\n")
+    if html:
+        from rkif.html_report import write_html
+        write_html(out / "report.html", f"rkif bench: {title or Path(out).resolve().name} ({benchmark})", table,
+                   figures, per_run)
     return table
