@@ -19,12 +19,21 @@ RESULT_KEYS = ("method", "model", "order", "tasks", "stages", "accuracy", "initi
                "finished_stages", "complete", "config")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``; the file gets the permissions a plain ``open`` would give
+    (mkstemp's are private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -40,13 +49,9 @@ def write_json(path: Path, obj) -> None:
     _atomic(Path(path), write)
 
 
-def write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write UTF-8 text atomically (a crash leaves the previous file intact), readable by others by default
-    (the temporary file is private)."""
-    def write(tmp):
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, mode)
-    _atomic(Path(path), write)
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically: a crash leaves the previous file intact."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_json(path: Path):

@@ -283,3 +283,13 @@ def test_report_out_that_is_a_file_is_one_line(tmp_path, caplog):
     assert main(["report", str(run), "--out", str(tmp_path / "taken")]) == 2
     _one_line_without_traceback(caplog, f"--out {tmp_path / 'taken'}: is a file")
     assert (tmp_path / "taken").read_text() == "keep"
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    from rkif import io
+
+    io.write_json(tmp_path / "r.json", {"a": 1})
+    (tmp_path / "plain").write_text("x")
+    assert os.stat(tmp_path / "r.json").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
