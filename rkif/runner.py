@@ -213,10 +213,10 @@ def run_experiment(run: RunConfig) -> dict:
         extra["seconds"] += log["seconds"]
         extra["diagnostics"] = method.diagnostics()
         logger.info("after %s: %s", names, _fmt(tasks, column))
+        adapter, (tensors, meta) = backbone.adapter_state(), method.state_dict()   # every process: may gather shards
         if is_main_process():
             ckpt = out / "checkpoints" / f"stage_{j}"
-            tensors, meta = method.state_dict()
-            io.write_tensors(ckpt / "adapter.safetensors", backbone.adapter_state())
+            io.write_tensors(ckpt / "adapter.safetensors", adapter)
             io.write_tensors(ckpt / "method.safetensors", tensors)
             io.write_json(ckpt / "method.json", meta)
             io.write_json(results_path, _results(run, method.config, tasks, stages, columns, initial, extra))

@@ -22,6 +22,7 @@ from rkif.config import RunConfig
 from rkif.data import Example
 from rkif.methods import Method
 from rkif.precision import resolve_precision
+from rkif.sharding import check_distribution, prepare_again
 
 
 def training_device() -> torch.device:
@@ -56,6 +57,7 @@ class MethodCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.check_attached(state)
+        check_distribution(self.method, self.trainer)      # FSDP, DeepSpeed: before the first step
         self.method.on_train_begin(self.trainer)
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
@@ -76,6 +78,7 @@ class ContinualTrainer(Trainer):
 
     def __init__(self, *args, method: Method, **kwargs):
         super().__init__(*args, **kwargs)
+        prepare_again(self)                     # a model sharded (FSDP2) by the previous stage's Trainer
         self.method = method
         self._extra_logs: dict[str, list[float]] = defaultdict(list)
         self.add_callback(MethodCallback(method, self))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from rkif.backbones.sources import infer_family
 from rkif.data import Example, Task
+from rkif.sharding import as_forward, full
 
 
 @dataclass
@@ -103,6 +104,11 @@ class Backbone(nn.Module):
 
     # -- shared ---------------------------------------------------------------------------------
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The model's layer classes: FSDP (accelerate's default policy) shards each layer as one unit."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -114,8 +120,10 @@ class Backbone(nn.Module):
         return dict(self.named_trainable())
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor that is not a frozen pretrained weight (all adapters, trainable or not), on CPU."""
-        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if n not in self.frozen_base}
+        """Every tensor that is not a frozen pretrained weight (all adapters, trainable or not), on CPU.
+
+        Sharded parameters (FSDP2) are gathered whole: call it on every process."""
+        return {n: full(p).detach().cpu().clone() for n, p in self.named_parameters() if n not in self.frozen_base}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())
@@ -136,6 +144,7 @@ class Backbone(nn.Module):
             order.sort(key=lambda i: self.prompt_length(examples[i]))
         out: list[str | None] = [None] * len(examples)
         bs = self.config.eval_batch_size
+        as_forward(self, "predict_batch")      # sharded (FSDP2): predict_batch gathers the parameters as forward does
         try:
             with self.prediction_context():
                 for start in tqdm(range(0, len(order), bs), desc=desc, leave=False):
