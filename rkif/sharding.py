@@ -149,8 +149,8 @@ def sharding_of(model: torch.nn.Module) -> Sharding:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if any(hasattr(p, "ds_id") for _, p in params):
         raise ValueError("DeepSpeed ZeRO-3 partitions the parameters (each process holds an empty "
-                         "placeholder): rkif does not support it; use ZeRO-1/2 with a method that only "
-                         "trains (seqlora, replay, mtl), FSDP2 or DDP")
+                         "placeholder): rkif does not support it; use FSDP2, DDP, or ZeRO-1/2 with "
+                         f"{_methods_with('loss')}")
     if _fsdp1_modules(model):
         raise ValueError("FSDP1 (FullyShardedDataParallel) flattens parameters into flat shards that rkif "
                          "does not handle: use FSDP2 (fsdp_config version 2, the Trainer's default; "
@@ -172,14 +172,22 @@ def sharding_of(model: torch.nn.Module) -> Sharding:
     if len(groups) > 1:
         raise ValueError("trainable parameters are sharded over different process groups: rkif handles one")
     (group, size, name), = groups.values()
+    if size == 1:
+        return WHOLE
     if whole:
         raise ValueError(f"trainable parameter {whole[0]} is whole on every process while {name} is sharded: "
                          "rkif needs all of them sharded alike (do not pass trainable parameters to "
                          "FSDP's ignored_params)")
-    return Sharding(group, size) if size > 1 else WHOLE
+    return Sharding(group, size)
 
 
 PARAMETER_ACCESS = ("loss", "shards", "whole")
+
+
+def _methods_with(*access: str) -> str:
+    from rkif.methods.registry import METHODS
+
+    return ", ".join(sorted(name for name, cls in METHODS.items() if cls.parameter_access in access))
 
 
 def check_distribution(method: Method, trainer: Trainer) -> Sharding:
@@ -201,5 +209,5 @@ def check_distribution(method: Method, trainer: Trainer) -> Sharding:
     if shards.sharded and access == "whole":
         raise ValueError(f"{method.name} does not run under FSDP (parameters sharded over {shards.size} "
                          "processes): it needs whole parameters and gradients on every process; run it under "
-                         "DDP, or use rkif, replay, seqlora or mtl")
+                         f"DDP, or use {_methods_with('loss', 'shards')}")
     return shards

@@ -3,7 +3,8 @@
 ``ContinualTrainer`` adds the method's extra loss terms in ``compute_loss`` and logs them in
 ``log``; ``MethodCallback`` forwards the Trainer's events to the method together with the trainer,
 so methods see the accelerator, the optimizer and the wrapped model. Gradient accumulation, mixed
-precision and distributed training are the Trainer's and keep working.
+precision and distributed training are the Trainer's and keep working; before the first step,
+``rkif.sharding.check_distribution`` stops a method that cannot run on the Trainer's FSDP or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class MethodCallback(TrainerCallback):
         """Add this callback to ``trainer`` (once) and forward that Trainer's events; returns the Trainer."""
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        prepare_again(trainer)                  # its model may be sharded (FSDP2) by the previous task's Trainer
         self.trainer = trainer
         return trainer
 
