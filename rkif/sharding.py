@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from rkif.kif.masks import Reduce, all_reduce_sum
@@ -90,8 +91,6 @@ class Sharding:
     def _all_reduce(self, values: Sequence[float], op: str) -> list[float]:
         if not self.sharded:
             return [float(v) for v in values]
-        import torch.distributed as dist
-
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._device())
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=self.group)
         return t.tolist()
@@ -100,8 +99,6 @@ class Sharding:
         """The 1-D ``t`` of every process, concatenated in rank order (sizes may differ); ``t`` when not sharded."""
         if not self.sharded:
             return t
-        import torch.distributed as dist
-
         device = self._device()
         n = torch.tensor([t.numel()], device=device)
         sizes = [torch.zeros_like(n) for _ in range(self.size)]
@@ -118,8 +115,6 @@ class Sharding:
         the whole tensor flattened (collectives: call on every process). Flattened as they are when not sharded."""
         if not self.sharded:
             return {n: t.reshape(-1) for n, t in maps.items()}
-        import torch.distributed as dist
-
         sizes = torch.tensor([t.numel() for t in maps.values()], device=self._device())
         per_rank = [torch.empty_like(sizes) for _ in range(self.size)]
         dist.all_gather(per_rank, sizes, group=self.group)
@@ -128,8 +123,6 @@ class Sharding:
         return {n: torch.cat([rank[i] for rank in shards]) for i, n in enumerate(maps)}
 
     def _device(self) -> torch.device:
-        import torch.distributed as dist
-
         if dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
