@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from rkif.backbones import Backbone
 from rkif.data import Example
+from rkif.sharding import sharding_of
 
 _PAD = -1          # index column of a padding row (a rank with one example fewer than the others)
 
@@ -34,11 +35,13 @@ def rank_and_world() -> tuple[int, int]:
 def predict_sharded(backbone: Backbone, examples: list[Example], desc: str = "eval") -> list[str]:
     """``backbone.predict(examples)``, with rank r answering ``examples[r::W]`` and the answers gathered.
 
-    Without an initialised process group (or with one process) it is ``backbone.predict`` itself.
-    Every rank must call it with the same ``examples`` (it is a collective).
+    Without an initialised process group (or with one process) it is ``backbone.predict`` itself, and so
+    under FSDP: there every forward gathers the parameters, a collective, so every rank must run the same
+    forwards (the same examples, hence the same generation steps). Every rank must call it with the same
+    ``examples`` (it is a collective).
     """
     rank, world = rank_and_world()
-    if world == 1:
+    if world == 1 or sharding_of(backbone).sharded:
         return backbone.predict(examples, desc=desc)
     mine = list(range(rank, len(examples), world))
     answers = backbone.predict([examples[i] for i in mine], desc=desc)

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 from rkif import io, metrics
@@ -200,11 +201,11 @@ def load_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -
     backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
 
 
-def save_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -> None:
+def save_checkpoint(out: Path, stage: int, adapter: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                    meta: dict) -> None:
     """Write the adapter weights and method state after ``stage``, then their checksums (last)."""
     ckpt = out / "checkpoints" / f"stage_{stage}"
-    tensors, meta = method.state_dict()
-    io.write_tensors(ckpt / "adapter.safetensors", backbone.adapter_state())
+    io.write_tensors(ckpt / "adapter.safetensors", adapter)
     io.write_tensors(ckpt / "method.safetensors", tensors)
     io.write_json(ckpt / "method.json", meta)
     io.write_checksums(ckpt, ["adapter.safetensors", "method.safetensors", "method.json"])
@@ -277,8 +278,9 @@ def run_experiment(run: RunConfig, tasks: list[Task] | None = None) -> dict:
         extra["seconds"] += log["seconds"]
         extra["diagnostics"] = method.diagnostics()
         logger.info("after %s: %s", names, _fmt(tasks, column))
+        adapter, (tensors, meta) = backbone.adapter_state(), method.state_dict()   # every process: may gather shards
         if is_main_process():
-            save_checkpoint(out, j, method, backbone)
+            save_checkpoint(out, j, adapter, tensors, meta)
             io.write_json(results_path, _results(run, method.config, tasks, stages, columns, initial, extra))
     results = _results(run, method.config, tasks, stages, columns, initial, extra)
     if is_main_process():

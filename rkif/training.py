@@ -3,7 +3,8 @@
 ``ContinualTrainer`` adds the method's extra loss terms in ``compute_loss`` and logs them in
 ``log``; ``MethodCallback`` forwards the Trainer's events to the method together with the trainer,
 so methods see the accelerator, the optimizer and the wrapped model. Gradient accumulation, mixed
-precision and distributed training are the Trainer's and keep working.
+precision and distributed training are the Trainer's and keep working; before the first step,
+``rkif.sharding.check_distribution`` stops a method that cannot run on the Trainer's FSDP or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rkif.console import ConsoleCallback
 from rkif.data import Example
 from rkif.methods import Method
 from rkif.precision import resolve_precision
+from rkif.sharding import check_distribution, prepare_again
 
 
 def training_device() -> torch.device:
@@ -47,6 +49,7 @@ class MethodCallback(TrainerCallback):
         """Add this callback to ``trainer`` (once) and forward that Trainer's events; returns the Trainer."""
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        prepare_again(trainer)                  # its model may be sharded (FSDP2) by the previous task's Trainer
         self.trainer = trainer
         return trainer
 
@@ -58,6 +61,7 @@ class MethodCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.check_attached(state)
+        check_distribution(self.method, self.trainer)      # FSDP, DeepSpeed: before the first step
         self.method.on_train_begin(self.trainer)
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
@@ -78,6 +82,7 @@ class ContinualTrainer(Trainer):
 
     def __init__(self, *args, method: Method, **kwargs):
         super().__init__(*args, **kwargs)
+        prepare_again(self)                     # a model sharded (FSDP2) by the previous stage's Trainer
         self.method = method
         self._extra_logs: dict[str, list[float]] = defaultdict(list)
         self.add_callback(MethodCallback(method, self))

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from rkif.backbones.sources import family_from_name, infer_family, position_limit
 from rkif.checks import AT_LEAST_ONE, NOT_EMPTY, POSITIVE, Rule, check_choice, check_rules, check_types, fail, flag
 from rkif.data import Example, Task
+from rkif.sharding import as_forward, full
 
 PROMPT_FORMATS = ("raw", "chat")
 ANSWER_MODES = ("generate", "rank")
@@ -200,6 +201,11 @@ class Backbone(nn.Module):
 
     # -- shared ---------------------------------------------------------------------------------
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The model's layer classes: FSDP (accelerate's default policy) shards each layer as one unit."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -211,8 +217,10 @@ class Backbone(nn.Module):
         return dict(self.named_trainable())
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor that is not a frozen pretrained weight (all adapters, trainable or not), on CPU."""
-        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if n not in self.frozen_base}
+        """Every tensor that is not a frozen pretrained weight (all adapters, trainable or not), on CPU.
+
+        Sharded parameters (FSDP2) are gathered whole: call it on every process."""
+        return {n: full(p).detach().cpu().clone() for n, p in self.named_parameters() if n not in self.frozen_base}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())
@@ -233,6 +241,7 @@ class Backbone(nn.Module):
             order.sort(key=lambda i: self.prompt_length(examples[i]))
         out: list[str | None] = [None] * len(examples)
         bs = self.config.eval_batch_size
+        as_forward(self, "predict_batch")      # sharded (FSDP2): predict_batch gathers the parameters as forward does
         try:
             with self.prediction_context():
                 for start in tqdm(range(0, len(order), bs), desc=desc, leave=False):

@@ -28,6 +28,9 @@ score per element of P, Eq. 9 applied to P's update), with the fused update writ
 - The one exact route writes the residual P_b + U - B'A' into the frozen base weights. The fused
   update then no longer lives in A and B: the adapter alone (checkpoints, resume, the saved
   adapter) would not carry the model.
+
+Element-wise functions work on local shards as they are; those that total over all scalars take
+``shards`` (``rkif.sharding.Sharding``) and total over every process's shard.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
+from rkif.sharding import WHOLE, Sharding
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -67,23 +72,25 @@ def sum_fusion(anchor: Tensors, tau_in: Tensors, tau_out: Tensors) -> dict[str, 
     return {n: anchor[n] + tau_in[n] + tau_out[n] for n in anchor}
 
 
-def global_weights(i_in: Tensors, i_out: Tensors) -> tuple[float, float]:
+def global_weights(i_in: Tensors, i_out: Tensors, shards: Sharding = WHOLE) -> tuple[float, float]:
     """"+GM": one scalar weight per task vector, its share of the total importance."""
-    s_in = float(sum(t.sum() for t in i_in.values()))
-    s_out = float(sum(t.sum() for t in i_out.values()))
+    s_in, s_out = shards.sum([sum(float(t.sum()) for t in m.values()) for m in (i_in, i_out)])
     total = s_in + s_out
     return (0.5, 0.5) if total == 0 else (s_in / total, s_out / total)
 
 
-def adaptive_weights(i_in: Tensors, i_out: Tensors, temperature: float = 1.0):
+def adaptive_weights(i_in: Tensors, i_out: Tensors, temperature: float = 1.0, shards: Sharding = WHOLE):
     """"+Adaptive": per-element soft weights from importance (the release's unused version).
 
     Each map is min-max normalised over all its scalars; w_in = softmax over (I_in, I_out) / t,
     w_out = 1 - w_in.
     """
     def normalise(maps: Tensors) -> dict[str, torch.Tensor]:
-        lo = min(float(t.min()) for t in maps.values())
-        hi = max(float(t.max()) for t in maps.values())
+        inf = float("inf")          # an empty shard holds no extreme
+        low = min((float(t.min()) for t in maps.values() if t.numel()), default=inf)
+        high = max((float(t.max()) for t in maps.values() if t.numel()), default=-inf)
+        neg_lo, hi = shards.max([-low, high])
+        lo = -neg_lo
         scale = hi - lo if hi > lo else 1.0
         return {n: (t - lo) / scale for n, t in maps.items()}
 
@@ -102,11 +109,12 @@ def release_weights(m_in: Tensors, m_out: Tensors, both=(0.4, 0.6), neither=(0.5
     return w_in, w_out
 
 
-def region_fractions(m_in: Tensors, m_out: Tensors) -> dict[str, float]:
+def region_fractions(m_in: Tensors, m_out: Tensors, shards: Sharding = WHOLE) -> dict[str, float]:
     """Fraction of scalars taken from tau_in only, tau_out only, both (shared) and neither."""
-    total = sum(m.numel() for m in m_in.values())
-    both = sum(int((m_in[n] & m_out[n]).sum()) for n in m_in)
-    only_in = sum(int(m_in[n].sum()) for n in m_in) - both
-    only_out = sum(int(m_out[n].sum()) for n in m_out) - both
+    total, both, n_in, n_out = shards.sum([sum(m.numel() for m in m_in.values()),
+                                           sum(int((m_in[n] & m_out[n]).sum()) for n in m_in),
+                                           sum(int(m.sum()) for m in m_in.values()),
+                                           sum(int(m.sum()) for m in m_out.values())])
+    only_in, only_out = n_in - both, n_out - both
     return {"in_only": only_in / total, "out_only": only_out / total, "shared": both / total,
             "neither": (total - both - only_in - only_out) / total}

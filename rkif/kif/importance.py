@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 import torch
 
+from rkif.sharding import local
+
 Scores = dict[str, torch.Tensor]
 
 
@@ -16,11 +18,12 @@ def step_scores(params: Mapping[str, torch.nn.Parameter], kind: str = "weight_gr
     """Importance of one optimizer step from the gradients now in ``p.grad``.
 
     ``weight_grad``: Ibar(w) = |w * dL/dw| (Eq. 3); ``grad``: |dL/dw| (the paper's Table 10 ablation).
-    Parameters without a gradient score zero.
+    Parameters without a gradient score zero. A sharded parameter (FSDP2) is scored on this process's
+    slice: the scores are plain tensors shaped like ``rkif.sharding.local(p)``.
     """
     out = {}
-    for name, p in params.items():
-        g = p.grad
+    for name, param in params.items():
+        p, g = local(param), None if param.grad is None else local(param.grad)
         if g is None:
             out[name] = torch.zeros_like(p, dtype=torch.float32)
         elif kind == "weight_grad":

@@ -15,6 +15,10 @@ Every hook is a documented no-op, so a method overrides only the moments it need
 ``after_task``              after training, before evaluation (memory, Fisher, snapshots)
 ``state_dict``              what resuming after this stage needs (tensors + JSON meta)
 =========================  =====================================================================
+
+``parameter_access`` (class) says where the method can run (checked by ``rkif.sharding`` before the
+first step): ``"loss"`` (data and loss only), ``"shards"`` (correct on FSDP2's local shards) or
+``"whole"`` (the default: whole parameters on every process, so not under FSDP or DeepSpeed).
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ class Method:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = MethodConfig
+    parameter_access: ClassVar[str] = "whole"     # "loss" | "shards" | "whole": rkif.sharding.check_distribution
 
     def __init__(self, config: MethodConfig, backbone: Backbone, run: RunConfig):
         self.config = config

@@ -12,6 +12,7 @@ from rkif.methods.registry import register
 @register
 class MultiTask(Method):
     name = "mtl"
+    parameter_access = "loss"             # the Trainer trains; nothing else touches the model
 
     def stages(self, tasks: list[Task]) -> list[list[Task]]:
         return [list(tasks)]

@@ -12,6 +12,7 @@ from rkif.methods.registry import register
 @register
 class Replay(MemoryMethod):
     name = "replay"
+    parameter_access = "loss"             # the Trainer trains; nothing else touches the model
 
     def before_task(self, stage: int, tasks: list[Task], train: list[Example]) -> list[Example]:
         return train + self.memory.examples()

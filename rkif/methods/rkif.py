@@ -24,6 +24,10 @@ shorter round (``partial_round="fuse"``; the release leaves them unfused: ``"kee
 loop has its own AdamW, fresh each task, at ``outer_lr`` (default: the Trainer's lr, since the paper
 uses one lr for both loops; the release steps the inner optimizer: ``outer_optimizer="shared"``);
 one outer step is one global batch of ``outer_batch_size`` memory examples, split over DDP ranks.
+Under FSDP2 (parameters sharded over processes, ``rkif.sharding``) every step above acts on this
+process's shard of each parameter, in place; the Eq. 8 thresholds are the exact global ones (one
+all-reduce of a 256-bin histogram per radix pass, 4 per threshold) and the round's totals (norms,
+means, region fractions) are summed over the shards, so a round equals the unsharded one.
 Defaults: Q = 8, M = 4 (the paper's reported full-model setting, Table 8: 8/4), a1 = a2 = 0.55,
 top 20 %, global threshold. The release variant is the
 preset ``rkif-release``; every ablation of Tables 2 and 10 is a preset below.
@@ -60,6 +64,7 @@ from rkif.kif.importance import MeanImportance, make_tracker, outer_ema, step_sc
 from rkif.kif.masks import binary_masks, random_masks_like
 from rkif.methods.base import MemoryMethod, MethodConfig, check_choices
 from rkif.methods.registry import register, register_preset
+from rkif.sharding import WHOLE, Sharding, local, sharding_of
 
 
 @dataclass
@@ -137,10 +142,12 @@ class RKIFConfig(MethodConfig):
 class RecurrentKIF(MemoryMethod):
     name = "rkif"
     config_class = RKIFConfig
+    parameter_access = "shards"           # FSDP2: everything on local shards, totals and thresholds over all
 
     def __init__(self, config: RKIFConfig, backbone, run):
         super().__init__(config, backbone, run)
         self.rounds_log: list[dict] = []
+        self.shards = WHOLE
         self.active = False
         self.stage = 0
         self.timing = {"bookkeeping": 0.0, "outer": 0.0}
@@ -159,6 +166,7 @@ class RecurrentKIF(MemoryMethod):
             raise ValueError(f"rkif outer_batch_size={cfg.outer_batch_size} must be a multiple of the "
                              f"number of processes ({trainer.args.world_size})")
         self.params = self.backbone.trainable_parameters()
+        self.shards = sharding_of(trainer.model_wrapped)
         self.anchor = self._snapshot()
         self.inner = make_tracker(cfg.smoothing, cfg.alpha_in, cfg.su_beta)
         running = cfg.outer_smoothing == "running"
@@ -208,7 +216,7 @@ class RecurrentKIF(MemoryMethod):
 
     # -- one round: outer loop, masks, fusion ------------------------------------------------------
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.params.items()}
+        return {n: local(p).detach().clone() for n, p in self.params.items()}
 
     def _memory_batch(self, trainer) -> dict[str, torch.Tensor]:
         """This rank's share of a global outer batch drawn uniformly from the pooled memory."""
@@ -272,11 +280,12 @@ class RecurrentKIF(MemoryMethod):
             m_in = fusion.drop_shared(m_in, m_out)
         fused, weights = self._fuse(tau_in, tau_out, i_in, m_in, m_out)
         # ||fused update|| / ||tau_in + tau_out|| (the unfused -KI update); above 1 if tau_in and tau_out partly cancel
-        plain = _norm({n: tau_in[n] + tau_out[n] for n in tau_in})
-        weights["update_kept"] = _norm(fusion.task_vector(fused, self.anchor)) / plain if plain > 0 else 1.0
+        plain, kept = _norms([{n: tau_in[n] + tau_out[n] for n in tau_in}, fusion.task_vector(fused, self.anchor)],
+                             self.shards)
+        weights["update_kept"] = kept / plain if plain > 0 else 1.0
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(fused[n])
+                local(p).copy_(fused[n])
         self._log_round(trainer, m_in, m_out, weights)
         self.anchor = {n: t.clone() for n, t in fused.items()}
         self.inner.reset()
@@ -290,7 +299,8 @@ class RecurrentKIF(MemoryMethod):
         cfg = self.config
         if cfg.masks_on not in ("both", which):
             return {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
-        masks = binary_masks(scores, cfg.top_fraction, cfg.threshold, cfg.threshold_scope)
+        masks = binary_masks(scores, cfg.top_fraction, cfg.threshold, cfg.threshold_scope,
+                             reduce=self.shards.reduce)        # sharded: thresholds over every process's shard
         if generator is not None:
             masks = random_masks_like(masks, generator, cfg.threshold_scope)
         return masks
@@ -305,29 +315,31 @@ class RecurrentKIF(MemoryMethod):
         cfg, anchor = self.config, self.anchor
         if cfg.fusion == "mask":
             fused = fusion.masked_fusion(anchor, tau_in, tau_out, m_in, m_out)    # Eq. 9
-            return fused, {"w_in_mean": _mean(m_in), "w_out_mean": _mean(m_out)}
+            return fused, _means(m_in, m_out, self.shards)
         if cfg.fusion == "sum":
             return fusion.sum_fusion(anchor, tau_in, tau_out), {"w_in_mean": 1.0, "w_out_mean": 1.0}
         if cfg.fusion == "global":
-            w_in, w_out = fusion.global_weights(i_in, self.i_out)
+            w_in, w_out = fusion.global_weights(i_in, self.i_out, self.shards)
             fused = {n: anchor[n] + w_in * tau_in[n] + w_out * tau_out[n] for n in anchor}
             return fused, {"w_in_mean": w_in, "w_out_mean": w_out}
         if cfg.fusion == "adaptive":
-            w_in, w_out = fusion.adaptive_weights(i_in, self.i_out, cfg.adaptive_temperature)
+            w_in, w_out = fusion.adaptive_weights(i_in, self.i_out, cfg.adaptive_temperature, self.shards)
         else:
             w_in, w_out = fusion.release_weights(m_in, m_out)
         fused = fusion.weighted_fusion(anchor, tau_in, tau_out, w_in, w_out)
-        return fused, {"w_in_mean": _mean(w_in), "w_out_mean": _mean(w_out)}
+        return fused, _means(w_in, w_out, self.shards)
 
     # -- diagnostics (Figure 5b / 8 analysis) -------------------------------------------------------
     def _log_round(self, trainer, m_in, m_out, weights: dict[str, float]) -> None:
         record = {"stage": self.stage, "round": self.round, "step": trainer.state.global_step,
-                  **fusion.region_fractions(m_in, m_out), **weights,
+                  **fusion.region_fractions(m_in, m_out, self.shards), **weights,
                   "outer_lr": self.outer_opt.param_groups[0]["lr"]}
         if self.prev_mask_out is not None:
-            inter = sum(int((m_out[n] & self.prev_mask_out[n]).sum()) for n in m_out)
-            record["mask_out_overlap"] = inter / max(1, sum(int(m.sum()) for m in m_out.values()))
-            record["i_out_rank_corr"] = _rank_correlation(self.prev_i_out, self.i_out, self.run.seed)
+            inter, selected = self.shards.sum([sum(int((m_out[n] & self.prev_mask_out[n]).sum()) for n in m_out),
+                                               sum(int(m.sum()) for m in m_out.values())])
+            record["mask_out_overlap"] = inter / max(1, selected)
+            record["i_out_rank_corr"] = _rank_correlation(self.shards.gather_maps(self.prev_i_out),
+                                                          self.shards.gather_maps(self.i_out), self.run.seed)
         self.prev_mask_out = m_out
         self.prev_i_out = {n: t.clone() for n, t in self.i_out.items()}
         self.rounds_log.append(record)
@@ -367,18 +379,25 @@ def lr_factor(optimizer) -> float:
     return 1.0 if not initial else group["lr"] / initial
 
 
-def _mean(tensors: dict[str, torch.Tensor]) -> float:
-    """Mean over every scalar of a {name: tensor} map (masks count as 0/1)."""
-    return sum(float(t.float().sum()) for t in tensors.values()) / sum(t.numel() for t in tensors.values())
+def _means(w_in: dict[str, torch.Tensor], w_out: dict[str, torch.Tensor], shards: Sharding = WHOLE) -> dict:
+    """Mean over every scalar (of every shard) of each {name: tensor} map; masks count as 0/1."""
+    s_in, s_out, n = shards.sum([sum(float(t.float().sum()) for t in w_in.values()),
+                                 sum(float(t.float().sum()) for t in w_out.values()),
+                                 sum(t.numel() for t in w_in.values())])
+    return {"w_in_mean": s_in / n, "w_out_mean": s_out / n}
 
 
-def _norm(tensors: dict[str, torch.Tensor]) -> float:
-    """L2 norm of a {name: tensor} map taken as one vector."""
-    return sum(float(t.float().pow(2).sum()) for t in tensors.values()) ** 0.5
+def _norms(maps: list[dict[str, torch.Tensor]], shards: Sharding = WHOLE) -> list[float]:
+    """L2 norm of each {name: tensor} map taken as one vector (over every shard)."""
+    squares = shards.sum([sum(float(t.float().pow(2).sum()) for t in m.values()) for m in maps])
+    return [s ** 0.5 for s in squares]
 
 
 def _rank_correlation(a: dict, b: dict, seed: int, limit: int = 100_000) -> float:
-    """Spearman correlation of two importance maps (on a fixed random sample of at most ``limit``)."""
+    """Spearman correlation of two importance maps (on a fixed random sample of at most ``limit``).
+
+    Sharded maps are gathered whole first (``Sharding.gather_maps``), so every process gets the same value.
+    """
     x = torch.cat([a[n].flatten() for n in a])
     y = torch.cat([b[n].flatten() for n in a])
     if x.numel() > limit:

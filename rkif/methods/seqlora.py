@@ -10,3 +10,4 @@ from rkif.methods.registry import register
 @register
 class SeqLoRA(Method):
     name = "seqlora"
+    parameter_access = "loss"             # the Trainer trains; nothing else touches the model
