@@ -171,12 +171,14 @@ def test_controls_are_off_by_default_and_on_with_release_fusion():
 
 
 def test_a_run_saved_before_new_options_still_resumes(tmp_path):
-    method = RecurrentKIF(RKIFConfig(), ToyBackbone(), _run_config())
-    saved = {k: v for k, v in vars(RKIFConfig()).items() if k not in ("mask_source", "masks_on", "outer_lr_schedule")}
-    runner._check_method_config(method, {"method_config": saved}, tmp_path / "results.json")      # no error
-    with pytest.raises(ValueError, match="top_fraction"):
-        runner._check_method_config(method, {"method_config": {**saved, "top_fraction": 0.3}}, tmp_path)
-    changed = RecurrentKIF(RKIFConfig(masks_on="in"), ToyBackbone(), _run_config())
-    with pytest.raises(ValueError, match="masks_on"):
-        runner._check_method_config(changed, {"method_config": saved}, tmp_path)
+    """A results.json written before the control options existed resumes: they were at their defaults."""
+    from dataclasses import replace
 
+    run = replace(_run_config(), method="rkif", method_options={})
+    saved = {k: v for k, v in vars(RKIFConfig()).items() if k not in ("mask_source", "masks_on", "outer_lr_schedule")}
+    previous = {"config": run.to_dict(), "method_config": saved}
+    runner._check_resumable(run, previous, tmp_path / "results.json")                     # no error
+    with pytest.raises(ValueError, match="top_fraction"):
+        runner._check_resumable(run, {**previous, "method_config": {**saved, "top_fraction": 0.3}}, tmp_path)
+    with pytest.raises(ValueError, match="masks_on"):
+        runner._check_resumable(replace(run, method_options={"masks_on": "in"}), previous, tmp_path)

@@ -94,19 +94,6 @@ class RKIFConfig(MethodConfig):
     masks_on: str = "both"               # both | in (m_out = 1) | out (m_in = 1) (controls)
     outer_lr_schedule: str = "constant"  # constant | trainer (times the Trainer's current lr factor, each round)
 
-    def __post_init__(self) -> None:
-        """Refuse an unknown choice, or a control these options make void, when the options are parsed."""
-        check_choices("rkif", self, {"fusion": ("mask", "sum", "global", "adaptive", "release"),
-                                     "outer_optimizer": ("adamw", "sgd", "shared"),
-                                     "outer_smoothing": ("eq7", "none", "running"),
-                                     "importance_weights": ("pre_step", "post_step"),
-                                     "rounds": ("multi", "single"), "partial_round": ("fuse", "keep"),
-                                     "score": ("weight_grad", "grad"), "smoothing": ("ema", "none", "su"),
-                                     "threshold": ("top", "quantile"), "threshold_scope": ("global", "per_tensor"),
-                                     "mask_source": ("importance", "random"), "masks_on": ("both", "in", "out"),
-                                     "outer_lr_schedule": ("constant", "trainer")})
-        _check_controls(self)
-
     method: ClassVar[str] = "rkif"
 
     def check(self) -> None:
@@ -117,7 +104,8 @@ class RKIFConfig(MethodConfig):
             "importance_weights": ("pre_step", "post_step"),
             "fusion": ("mask", "sum", "global", "adaptive", "release"), "threshold": ("top", "quantile"),
             "threshold_scope": ("global", "per_tensor"), "rounds": ("multi", "single"),
-            "partial_round": ("fuse", "keep")})
+            "partial_round": ("fuse", "keep"), "mask_source": ("importance", "random"),
+            "masks_on": ("both", "in", "out"), "outer_lr_schedule": ("constant", "trainer")})
         self.check_ranges({
             "inner_steps": AT_LEAST_ONE, "outer_steps": AT_LEAST_ONE, "outer_batch_size": AT_LEAST_ONE,
             "outer_lr": POSITIVE, "alpha_in": EMA_WEIGHT, "su_beta": EMA_WEIGHT,
@@ -130,6 +118,7 @@ class RKIFConfig(MethodConfig):
             "alpha_out": (self.outer_smoothing == "eq7", "with outer_smoothing=eq7"),
             "adaptive_temperature": (self.fusion == "adaptive", "with fusion=adaptive"),
             "partial_round": (self.rounds == "multi", "with rounds=multi")})
+        _check_controls(self)
 
     def check_run(self, run) -> None:
         """One outer batch is split over the processes (``_memory_batch``)."""
