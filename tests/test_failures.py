@@ -178,9 +178,10 @@ def test_ctrl_c_stops_with_the_command_that_continues(tiny_data, tmp_path, monke
     assert json.loads((out / "results.json").read_text())["complete"]
 
 
-def test_ctrl_c_in_a_grid_prints_the_command_that_continues_it(tmp_path, monkeypatch, caplog):
+def test_ctrl_c_in_a_grid_prints_the_command_that_continues_it(tiny_data, tmp_path, monkeypatch, caplog):
     from tests.test_bench import TINY_GRID
 
+    (tiny_data / "orders.json").write_text(json.dumps({"1": ["alpha", "beta", "gamma"]}))    # data is checked first
     grid = tmp_path / "tiny.toml"
     grid.write_text(TINY_GRID)
 
@@ -188,7 +189,7 @@ def test_ctrl_c_in_a_grid_prints_the_command_that_continues_it(tmp_path, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "run_experiment", interrupted)
-    args = ["bench", str(grid), "--out", str(tmp_path / "out"), "--data", str(tmp_path)]
+    args = ["bench", str(grid), "--out", str(tmp_path / "out"), "--data", str(tiny_data)]
     assert main(args) == 130
     _one_line_without_traceback(caplog, "continue with: rkif " + shlex.join(args))
     assert not list((tmp_path / "out").rglob(".lock"))
