@@ -51,7 +51,7 @@ from rkif import io
 from rkif.backbones import BackboneConfig
 from rkif.checks import check_types
 from rkif.config import BENCHMARK_ORDERS, RunConfig
-from rkif.data import BENCHMARK_DEFAULTS, load_task, resolve_task_names
+from rkif.data import BENCHMARK_DEFAULTS, read_task, resolve_task_names
 from rkif.methods import available, parse_options, resolve
 from rkif.report import grid_report
 
@@ -195,7 +195,7 @@ def check_data(runs: list[RunConfig], path: Path) -> None:
             for name in names:
                 if (run.data, name, run.eval_split) not in seen:
                     seen.add((run.data, name, run.eval_split))
-                    load_task(Path(run.data), name, ("train", run.eval_split))
+                    read_task(Path(run.data), name, ("train", run.eval_split), run.benchmark)
         except ValueError as err:
             raise ValueError(f"{path}: {_run_name(run)}: {err}") from err
 

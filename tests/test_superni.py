@@ -9,6 +9,7 @@ import torch
 
 from rkif import runner
 from rkif.cli import build_parser, main, parse_args
+from rkif.config import RunConfig
 from rkif.data import DataError, Example, ReplayMemory, Task, load_benchmark, resolve_task_names
 from rkif.data.superni import ORDERS
 from tests.conftest import superni_task, write_superni
@@ -253,3 +254,14 @@ def test_a_superni_grid_gets_the_benchmark_lengths_unless_it_sets_them(tmp_path)
     assert lengths(grid) == [(1, 512, 50), (2, 512, 50)]
     assert lengths({**grid, "backbone": {"max_length": 256}}) == [(1, 256, 50), (2, 256, 50)]
     assert lengths({**grid, "benchmark": "standard"}) == [(1, 128, 16), (2, 128, 16)]
+
+
+def test_bench_checks_superni_data_in_its_own_layout(superni_data, tmp_path):
+    from rkif.bench import check_data
+
+    names = sorted(p.name for p in superni_data.iterdir() if p.is_dir())
+    run = RunConfig(benchmark="superni", tasks=names, data=str(superni_data))
+    check_data([run], tmp_path / "grid.toml")                                  # the SuperNI loader, no error
+    (superni_data / names[0] / "train.json").write_text("{}")
+    with pytest.raises(ValueError, match="train.json"):
+        check_data([run], tmp_path / "grid.toml")

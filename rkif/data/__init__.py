@@ -244,6 +244,14 @@ def stratified_subsample(examples: list[Example], size: int | None, seed: int) -
     return picked
 
 
+def read_task(root: Path, name: str, splits: tuple[str, ...], benchmark: str = "standard") -> Task:
+    """One task's splits in its benchmark's layout (SuperNI's task JSON, or the classification files)."""
+    if benchmark == "superni":
+        from rkif.data import superni
+        return superni.load_task(Path(root), name, splits)
+    return load_task(Path(root), name, splits)
+
+
 def load_benchmark(root: Path, names: list[str], train_size: int | None = None,
                    test_size: int | None = None, eval_split: str = "test",
                    seed: int = 42, benchmark: str = "standard") -> list[Task]:
