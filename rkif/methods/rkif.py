@@ -156,6 +156,9 @@ class RecurrentKIF(MemoryMethod):
                              f"number of processes ({trainer.args.world_size})")
         self.params = self.backbone.trainable_parameters()
         self.shards = sharding_of(trainer.model_wrapped)
+        if self.shards.sharded and self.config.mask_source == "random":   # counts and draws would be per shard
+            raise ValueError("rkif option mask_source=random does not run on sharded parameters (FSDP): its draws "
+                             "would follow each shard's importance count; use it under DDP or one process")
         self.anchor = self._snapshot()
         self.inner = make_tracker(cfg.smoothing, cfg.alpha_in, cfg.su_beta)
         running = cfg.outer_smoothing == "running"
