@@ -244,7 +244,9 @@ def settings_config(**settings) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}: use the field names of RunConfig and BackboneConfig")
     model = settings.get("model", BackboneConfig.model)
-    merged = {"output": DEFAULT_OUTPUT, **MODEL_DEFAULTS.get(model, {}), **settings}
+    benchmark = settings.get("benchmark", RunConfig.benchmark)
+    merged = {"output": DEFAULT_OUTPUT, **MODEL_DEFAULTS.get(model, {}), **BENCHMARK_DEFAULTS.get(benchmark, {}),
+              **settings}                              # as the command: explicit, then the benchmark's, the model's
     for key in ("tasks", "lora_targets"):               # comma-separated, as on the command line
         if isinstance(merged.get(key), str):
             merged[key] = merged[key].split(",")

@@ -169,6 +169,7 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     ([], {}),
     (["--model", "smollm2"], {"model": "smollm2"}),
     (["--model", "smollm2", "--epochs", "3", "--output", "x"], {"model": "smollm2", "epochs": 3, "output": "x"}),
+    (["--benchmark", "superni", "--model", "smollm2"], {"benchmark": "superni", "model": "smollm2"}),
     (["--method", "rkif-die", "-O", "inner_steps=4", "--tasks", "a,b", "--max-steps", "5", "--lora-targets",
       "q,v", "--no-group-by-length", "--resume", "--seed", "3", "--data", "d"],
      {"method": "rkif-die", "method_options": {"inner_steps": "4"}, "tasks": ["a", "b"], "max_steps": 5,
