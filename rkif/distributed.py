@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from rkif.backbones import Backbone
 from rkif.data import Example
-from rkif.sharding import sharding_of
 
 _PAD = -1          # index column of a padding row (a rank with one example fewer than the others)
 
@@ -41,7 +40,7 @@ def predict_sharded(backbone: Backbone, examples: list[Example], desc: str = "ev
     ``examples`` (it is a collective).
     """
     rank, world = rank_and_world()
-    if world == 1 or sharding_of(backbone).sharded:
+    if world == 1 or backbone.sharded:
         return backbone.predict(examples, desc=desc)
     mine = list(range(rank, len(examples), world))
     answers = backbone.predict([examples[i] for i in mine], desc=desc)

@@ -206,6 +206,14 @@ class Backbone(nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     @property
+    def sharded(self) -> bool:
+        """Whether the parameters are split over processes (FSDP2): generation must then run in step on every
+        rank (``synced_gpus``), since each forward gathers the parameters."""
+        from rkif.sharding import sharding_of
+
+        return sharding_of(self).sharded
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

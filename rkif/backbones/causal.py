@@ -214,7 +214,7 @@ class CausalBackbone(Backbone):
         input_ids, mask = self._pad([self.prompt_ids(ex) for ex in examples], left=True, device=self.device)
         ids = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.answer_limit,
                                   do_sample=False, num_beams=1, eos_token_id=self.tokenizer.eos_token_id,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+                                  pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.sharded)
         answers = ids[:, input_ids.shape[1]:]
         return [s.strip() for s in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
 

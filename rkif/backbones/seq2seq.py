@@ -42,7 +42,7 @@ class Seq2SeqBackbone(Backbone):
     def predict_batch(self, examples: list[Example]) -> list[str]:
         src = self.tokenize([ex.prompt for ex in examples], self.config.max_length).to(self.device)
         ids = self.model.generate(**src, max_new_tokens=self.answer_limit, do_sample=False,
-                                  num_beams=1)
+                                  num_beams=1, synced_gpus=self.sharded)
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def add_input_hook(self, hook: InputHook, prefix_length: int = 0) -> list:
