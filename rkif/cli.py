@@ -291,7 +291,11 @@ def _run(config: RunConfig) -> int:
     from rkif.report import matrix_table
     from rkif.runner import is_main_process
 
-    results = run_and_report(config)
+    try:
+        results = run_and_report(config)
+    except BaseException:
+        leave_process_group(wait=False)      # torn down on an error too, without waiting for ranks that may not come
+        raise
     leave_process_group()          # under torchrun: every rank done, gloo/nccl torn down before exit
     if not is_main_process():
         return 0

@@ -79,11 +79,13 @@ def gather_answers(indices: list[int], answers: list[str], n: int, device: torch
     return out
 
 
-def leave_process_group() -> None:
-    """Wait for every rank, destroy the process group (if any) and free it now: the collection reaches the
-    DDP wrapper that the Trainer's reference cycles hold, so gloo's threads are joined before interpreter exit."""
+def leave_process_group(wait: bool = True) -> None:
+    """Wait for every rank (unless ``wait`` is False: after an error the others may never come), destroy the
+    process group (if any) and free it now: the collection reaches the DDP wrapper that the Trainer's
+    reference cycles hold, so gloo's threads are joined before interpreter exit."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.barrier()
+    if wait:
+        dist.barrier()
     dist.destroy_process_group()
     gc.collect()
