@@ -245,7 +245,7 @@ def claim(run_dir: Path) -> Iterator[bool]:
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 host, _, pid = lock.read_text().partition(" ")

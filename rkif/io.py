@@ -19,10 +19,13 @@ RESULT_KEYS = ("method", "model", "order", "tasks", "stages", "accuracy", "initi
                "finished_stages", "complete", "config")
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()          # read once: os.umask is process-wide, toggling it per write would race threads
 
 
 def _atomic(path: Path, write) -> None:
@@ -33,7 +36,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

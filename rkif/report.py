@@ -268,7 +268,7 @@ def report(paths: list[Path], out: Path | None = None, html: bool = False) -> st
         if len(groups) > 1:
             table += (f"\n\n{name}: {', '.join(labels[i] for i in members)} "
                       f"(tasks {', '.join(results[members[0]]['tasks'])})")
-    (out / "table.md").write_text(table + "\n")
+    io.write_text(out / "table.md", table + "\n")
     if html:
         from rkif.html_report import write_html
         write_html(out / "report.html", f"rkif report: {', '.join(labels[:3])}"
@@ -424,7 +424,7 @@ def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None 
     table = grid_table(results, benchmark) if results else "(no finished runs yet)"
     if reference and results:
         table += "\n\n" + paired_table(results, reference)
-    (out / "table.md").write_text(table + "\n")
+    io.write_text(out / "table.md", table + "\n")
     if html:
         from rkif.html_report import write_html
         write_html(out / "report.html", f"rkif bench: {title or Path(out).resolve().name} ({benchmark})", table,
