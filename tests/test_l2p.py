@@ -137,3 +137,16 @@ def test_refuses_the_encoder_family_before_loading_a_model():
     run = RunConfig(method="l2p", backbone=BackboneConfig(model="minilm", family="encoder"), tasks=["a"])
     with pytest.raises(ValueError, match="l2p cannot run on the encoder family"):
         runner.build_learner(run, [])
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("l2p", {}, "method l2p cannot run on the encoder family"),
+    ("moelora", {}, "method moelora cannot run on the encoder family"),
+    ("l2p", {"top_n": "11"}, "l2p option top_n=11: expected at most pool_size"),
+    ("moelora", {"expert_r": "0"}, "moelora option expert_r=0"),
+])
+def test_settings_are_checked_before_a_model_loads(method, options, message):
+    from rkif.config import RunConfig
+
+    with pytest.raises(ValueError, match=message):
+        RunConfig(method=method, method_options=options).check()        # the default backbone: MiniLM, an encoder

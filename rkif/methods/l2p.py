@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft import LoraConfig
 from torch import nn
 
 from rkif.backbones.base import masked_mean
+from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, fail
 from rkif.data import Example, Task
 from rkif.methods.base import Method, MethodConfig, require_family
 from rkif.methods.registry import register
@@ -50,6 +52,18 @@ class L2PConfig(MethodConfig):
     prompt_length: int = 5      # L tokens per prompt
     top_n: int = 3              # N prompts prepended to each input
     pull_weight: float = 0.5    # lambda of the pull term
+
+    method: ClassVar[str] = "l2p"
+
+    def check(self) -> None:
+        super().check()
+        self.check_ranges({"pool_size": AT_LEAST_ONE, "prompt_length": AT_LEAST_ONE, "top_n": AT_LEAST_ONE,
+                           "pull_weight": NON_NEGATIVE})
+        if self.top_n > self.pool_size:
+            raise fail(self.label("top_n"), self.top_n, f"expected at most pool_size ({self.pool_size})")
+
+    def check_run(self, run) -> None:
+        require_family(self.method, run.backbone.family)           # before the model loads
 
 
 class PromptPool(nn.Module):

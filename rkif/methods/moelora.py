@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from peft import LoraConfig
@@ -46,6 +47,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from rkif.backbones.base import masked_mean
+from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE_INT, Rule
 from rkif.data import Example, Task, resolve_task_names
 from rkif.methods.base import Method, MethodConfig, require_family
 from rkif.methods.registry import register
@@ -61,6 +63,16 @@ class MoELoRAConfig(MethodConfig):
     expert_r: int = 2       # rank of each expert (official: r 16 over 8 experts)
     alpha: int = 32         # LoRA alpha; scaling alpha / (E * expert_r) = alpha / r (official)
     dropout: float = 0.1    # LoRA dropout of every expert (official)
+
+    method: ClassVar[str] = "moelora"
+
+    def check(self) -> None:
+        super().check()
+        self.check_ranges({"experts": NON_NEGATIVE_INT, "expert_r": AT_LEAST_ONE, "alpha": AT_LEAST_ONE,
+                           "dropout": Rule(lambda v: 0 <= v < 1, "expected a probability in [0, 1)")})
+
+    def check_run(self, run) -> None:
+        require_family(self.method, run.backbone.family)           # before the model loads
 
 
 def gate_weights(router: nn.Linear, query: torch.Tensor) -> torch.Tensor:
