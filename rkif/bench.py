@@ -166,10 +166,11 @@ def _check_values(grid: dict, path: Path) -> None:
     if bad:
         raise ValueError(f"{path}: orders {bad}: the {benchmark} benchmark has orders "
                          f"{list(BENCHMARK_ORDERS[benchmark])}")
-    run = grid.setdefault("run", {})
-    for key in ALL_EXAMPLES:
-        if isinstance(run.get(key), str) and run[key].strip().lower() == "all":
-            run[key] = None
+    tables = [grid.setdefault("run", {})] + [v.get("run", {}) for v in grid.get("variants", {}).values()]
+    for table in tables:                   # the grid's [run] and each variant's run table
+        for key in ALL_EXAMPLES:
+            if isinstance(table.get(key), str) and table[key].strip().lower() == "all":
+                table[key] = None
     for section, cls in (("run", RunConfig), ("backbone", BackboneConfig)):
         try:
             check_types(cls, grid.get(section, {}), lambda name, s=section: f"[{s}] {name} = ")
@@ -183,7 +184,7 @@ def _check_values(grid: dict, path: Path) -> None:
 
 
 def _run_name(run: RunConfig) -> str:
-    return f"run {run.method} order {run.order} seed {run.seed}"
+    return f"run {run_label(run)} order {run.order} seed {run.seed}"
 
 
 def check_data(runs: list[RunConfig], path: Path) -> None:
