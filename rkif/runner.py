@@ -198,7 +198,11 @@ def load_checkpoint(out: Path, stage: int, method: Method, backbone: Backbone) -
     ckpt = out / "checkpoints" / f"stage_{stage}"
     # method state first: a method that adds adapters per task recreates them before the weights load
     method.load_state_dict(io.read_tensors(ckpt / "method.safetensors"), io.read_json(ckpt / "method.json"))
-    backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
+    try:
+        backbone.load_adapter_state(io.read_tensors(ckpt / "adapter.safetensors"))
+    except KeyError as err:
+        raise ValueError(f"{ckpt / 'adapter.safetensors'}: {err.args[0] if err.args else err}; was it saved by "
+                         "another model or method? resume with the saved settings or choose another --output") from err
 
 
 def save_checkpoint(out: Path, stage: int, adapter: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
