@@ -211,5 +211,11 @@ def _skip_without_minilm_weights():
         raise
 
 
-pytest_runtest_setup = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_without_minilm_weights()))
-pytest_runtest_call = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_without_minilm_weights()))
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _skip_without_minilm_weights())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _skip_without_minilm_weights())
