@@ -31,9 +31,9 @@ from rkif.sharding import check_distribution, prepare_again
 def training_device() -> torch.device:
     """Where the Trainer trains in this process: accelerate's device (``cuda:LOCAL_RANK`` under torchrun; the
     CPU without an accelerator or with ``ACCELERATE_USE_CPU=1``, as the Trainer reads it)."""
-    if parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available():
-        return torch.device("cpu")          # decided here, not by accelerate's process-wide state of an earlier run
-    return PartialState().device
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    state = PartialState(cpu=cpu)           # also joins torchrun's process group, as the Trainer will
+    return torch.device("cpu") if cpu else state.device     # the CPU decided here, not by an earlier run's state
 
 
 class MethodCallback(TrainerCallback):
