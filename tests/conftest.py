@@ -103,6 +103,18 @@ def superni_data(tmp_path) -> Path:
                          single_output=("task902_synthetic_paint",))
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """The tiny LLaMA of tests/test_backbones.py saved as a local model folder (a model name for a run)."""
+    from tests.test_backbones import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    backbone = tiny_llama()
+    backbone.model.unload().save_pretrained(folder)          # the base model without its LoRA layers
+    backbone.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return write_tasks(tmp_path / "data", {

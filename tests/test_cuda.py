@@ -15,18 +15,8 @@ from rkif import runner
 from rkif.backbones import BackboneConfig
 from rkif.config import RunConfig
 from rkif.methods import registry
-from tests.test_backbones import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    backbone = tiny_llama()
-    backbone.model.unload().save_pretrained(folder)          # the base model without its LoRA layers
-    backbone.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def config(model_dir, data, out, method: str, precision: str, **kw) -> RunConfig:

@@ -32,16 +32,6 @@ def build(method: str, family_builder, **options):
     return backbone, cls(config, backbone, RunConfig(tasks=["a", "b"]))
 
 
-@pytest.fixture(scope="module", name="tiny_llama_dir")
-def tiny_llama_dir_fixture(tmp_path_factory):
-    """The tiny LLaMA saved as a local model folder (a model name for ``run_experiment``)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    backbone = tiny_llama()
-    backbone.model.unload().save_pretrained(folder)
-    backbone.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def nonzero_adapters(backbone, seed: int = 1) -> None:
     """Random non-zero LoRA B weights (peft starts them at 0, where every expert's output is 0)."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from rkif.methods.l2p import PromptPool, pull_term
 from rkif.training import train_stage
 from tests.conftest import cut_and_resume
 from tests.test_backbones import EXAMPLES, tiny_llama, tiny_t5
-from tests.test_input_hook import build, tiny_llama_dir_fixture  # noqa: F401  (fixture tiny_llama_dir)
+from tests.test_input_hook import build
 
 POOL = {"pool_size": 6, "prompt_length": 2, "top_n": 2}
 

@@ -14,7 +14,7 @@ from rkif.data import Example
 from rkif.methods.moelora import MoELoRA, MoELoRAConfig, gate_weights
 from tests.conftest import cut_and_resume
 from tests.test_backbones import EXAMPLES, tiny_llama, tiny_t5
-from tests.test_input_hook import build, nonzero_adapters, tiny_llama_dir_fixture  # noqa: F401  (fixture tiny_llama_dir)
+from tests.test_input_hook import build, nonzero_adapters
 
 
 def _layers(method):

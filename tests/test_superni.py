@@ -205,15 +205,6 @@ def test_the_benchmark_sets_superni_lengths_unless_given():
     assert (args.max_length, args.max_target_length) == (128, 16)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    backbone = tiny_llama()
-    backbone.model.unload().save_pretrained(folder)          # the base model without its LoRA layers
-    backbone.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_a_cli_run_on_two_superni_tasks_scores_rouge_l(superni_data, tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "--benchmark", "superni", "--data", str(superni_data), "--tasks", f"{COLOUR},{PAINT}",

@@ -100,9 +100,6 @@ class L2P(Method):
     def peft_config(cls, config: L2PConfig, backbone) -> LoraConfig:
         """A frozen rank-1 LoRA with B = 0 (no effect; disabled in ``__init__``): peft needs an adapter to wrap."""
         require_family(cls.name, backbone.family)
-        if not 1 <= config.top_n <= config.pool_size or config.prompt_length < 1:
-            raise ValueError(f"{cls.name}: need 1 <= top_n <= pool_size and prompt_length >= 1, got top_n "
-                             f"{config.top_n}, pool_size {config.pool_size}, prompt_length {config.prompt_length}")
         return LoraConfig(r=1, lora_alpha=1, target_modules=backbone.lora_targets, inference_mode=True)
 
     def __init__(self, config: L2PConfig, backbone, run):

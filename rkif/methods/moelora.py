@@ -98,9 +98,6 @@ class MoELoRA(Method):
     @classmethod
     def peft_config(cls, config: MoELoRAConfig, backbone) -> LoraConfig:
         require_family(cls.name, backbone.family)
-        if config.expert_r < 1 or config.experts < 0:
-            raise ValueError(f"{cls.name}: expert_r must be >= 1 and experts >= 0 (0: one per task), "
-                             f"got {config.expert_r} and {config.experts}")
         return LoraConfig(r=config.expert_r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           target_modules=backbone.lora_targets)
 
