@@ -191,6 +191,39 @@ class Backbone(nn.Module):
         raise ValueError(f"the {self.family or type(self).__name__} family has no input hook "
                          "(prompt and routing methods need a generative family: causal or seq2seq)")
 
+    # -- free text (methods with a generator stream: lfpt5, sapt) ---------------------------------
+    def text_batch(self, sources: list[str], targets: list[str], max_target_tokens: int) -> dict[str, torch.Tensor]:
+        """A batch for the LM loss of plain-text ``targets`` (then EOS, at most ``max_target_tokens``) given
+        plain-text ``sources`` (no instruction layout, no chat template), in the family's ``forward`` layout,
+        on the CPU. Generative families only."""
+        raise ValueError(f"the {self.family or type(self).__name__} family cannot generate text "
+                         "(generative replay needs a causal or seq2seq backbone)")
+
+    @torch.no_grad()
+    def sample_text(self, sources: list[str], max_new_tokens: int, num_return_sequences: int = 1,
+                    **sampling) -> list[str]:
+        """Sampled continuations of each plain-text source (``num_return_sequences`` each, source by source),
+        stopped at EOS or ``max_new_tokens``, decoded and stripped; in eval mode, batches of
+        ``eval_batch_size`` sources. ``sampling``: ``generate``'s sampling options (``top_k``, ``temperature``,
+        ``repetition_penalty``). Draws from torch's global generator: seed it for reproducible samples."""
+        if not sources:
+            return []
+        was_training = self.training
+        self.eval()
+        out: list[str] = []
+        try:
+            for start in range(0, len(sources), self.config.eval_batch_size):
+                out += self.sample_batch(sources[start:start + self.config.eval_batch_size], max_new_tokens,
+                                         num_return_sequences, sampling)
+        finally:
+            self.train(was_training)
+        return out
+
+    def sample_batch(self, sources: list[str], max_new_tokens: int, num_return_sequences: int,
+                     sampling: dict) -> list[str]:
+        raise ValueError(f"the {self.family or type(self).__name__} family cannot generate text "
+                         "(generative replay needs a causal or seq2seq backbone)")
+
     def prompt_length(self, ex: Example) -> int:
         """Size of an example's prompt (what length-sorted prediction sorts by): characters unless overridden."""
         return len(ex.prompt)

@@ -163,6 +163,33 @@ class CausalBackbone(Backbone):
                 for r in rows]
         return torch.tensor(padded, device=device), torch.tensor(mask, device=device)
 
+    # -- free text (generator streams) -------------------------------------------------------------
+    def _source_ids(self, text: str) -> list[int]:
+        if not text:
+            raise ValueError("a causal free-text source must not be empty (the first target token needs context)")
+        return self._encode(text)[-self.config.max_length:]
+
+    def text_batch(self, sources: list[str], targets: list[str], max_target_tokens: int) -> dict[str, torch.Tensor]:
+        """See ``Backbone.text_batch``: ``source + " " + target + EOS``, right-padded, labels -100 on the source."""
+        rows, labels = [], []
+        for source, target in zip(sources, targets, strict=True):
+            src = self._source_ids(source)
+            tgt = self._encode(" " + target)[:max_target_tokens] + [self.tokenizer.eos_token_id]
+            rows.append(src + tgt)
+            labels.append([-100] * len(src) + tgt)
+        input_ids, mask = self._pad(rows, left=False)
+        labels, _ = self._pad(labels, left=False, value=-100)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def sample_batch(self, sources: list[str], max_new_tokens: int, num_return_sequences: int,
+                     sampling: dict) -> list[str]:
+        input_ids, mask = self._pad([self._source_ids(s) for s in sources], left=True, device=self.device)
+        ids = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  do_sample=True, num_beams=1, num_return_sequences=num_return_sequences,
+                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                  synced_gpus=self.sharded, **sampling)
+        return [s.strip() for s in self.tokenizer.batch_decode(ids[:, input_ids.shape[1]:], skip_special_tokens=True)]
+
     # -- input hook (prompt and routing methods) -------------------------------------------------
     def add_input_hook(self, hook: InputHook, prefix_length: int = 0) -> list:
         """See ``Backbone.add_input_hook``: a forward pre-hook on the language model. A call without a filled

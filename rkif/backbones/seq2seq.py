@@ -45,6 +45,22 @@ class Seq2SeqBackbone(Backbone):
                                   num_beams=1, synced_gpus=self.sharded)
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    def text_batch(self, sources: list[str], targets: list[str], max_target_tokens: int) -> dict[str, torch.Tensor]:
+        """See ``Backbone.text_batch``: the source through the encoder, the target (+ EOS) as the decoder's labels."""
+        if len(sources) != len(targets):
+            raise ValueError(f"text_batch: {len(sources)} sources for {len(targets)} targets")
+        src = self.tokenize(list(sources), self.config.max_length)
+        tgt = self.tokenize(list(targets), max_target_tokens)
+        labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+        return {"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": labels}
+
+    def sample_batch(self, sources: list[str], max_new_tokens: int, num_return_sequences: int,
+                     sampling: dict) -> list[str]:
+        src = self.tokenize(list(sources), self.config.max_length).to(self.device)
+        ids = self.model.generate(**src, max_new_tokens=max_new_tokens, do_sample=True, num_beams=1,
+                                  num_return_sequences=num_return_sequences, synced_gpus=self.sharded, **sampling)
+        return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
     def add_input_hook(self, hook: InputHook, prefix_length: int = 0) -> list:
         """See ``Backbone.add_input_hook``: a forward pre-hook on the encoder, which reads every prompt once (in
         training and at the start of generation); with a prefix, one on the model too, so that the decoder's
