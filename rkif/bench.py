@@ -52,7 +52,7 @@ from rkif.backbones import BackboneConfig
 from rkif.checks import check_types
 from rkif.config import BENCHMARK_ORDERS, RunConfig
 from rkif.data import BENCHMARK_DEFAULTS, read_task, resolve_task_names
-from rkif.methods import available, parse_options, resolve
+from rkif.methods import available
 from rkif.report import grid_report
 
 if sys.version_info >= (3, 11):
@@ -103,14 +103,7 @@ def load_grid(path: Path) -> dict:
             raise ValueError(f"{path}: [{section}] for methods not in the grid: {sorted(stray)}")
     if "reference" in grid and grid["reference"] not in grid["methods"]:
         raise ValueError(f"{path}: reference {grid['reference']!r} is not in the grid's methods {grid['methods']}")
-    for name in grid["methods"]:             # fail now, not hours into the grid
-        method, options, _ = _entry(grid, name)
-        try:
-            cls_, options = resolve(method, options)
-            parse_options(cls_.config_class, options)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: method {name!r}: {err}") from err
-    _check_values(grid, path)
+    _check_values(grid, path)               # every run's settings and method options: fail now, not hours in
     return grid
 
 

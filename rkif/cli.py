@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("rkif")
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    console.VERBOSE = getattr(args, "verbose", False)
-    if not console.VERBOSE:
+    verbose = getattr(args, "verbose", False)
+    console.show_trainer_logs(verbose)
+    if not verbose:
         console.quiet_dependencies()
     try:
         return _command(args)

@@ -3,20 +3,28 @@ method's round in its postfix; the runner's line per finished stage; the final m
 
 The Trainer's log dicts, a method's per-round diagnostics included, go to ``<workdir>/log.jsonl`` (one
 JSON object per line) and to the loggers of ``--report-to``; the terminal shows them only with
-``--verbose``. ``quiet_dependencies`` silences what a user cannot act on (deprecations inside
+``--verbose`` (the CLI sets ``TRAINER_LOG`` to INFO; a library user does the same with ``logging``).
+``quiet_dependencies`` silences what a user cannot act on (deprecations inside
 dependencies, their loading bars).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-VERBOSE = False          # the CLI's --verbose: Trainer log dicts in the terminal too
+TRAINER_LOG = logging.getLogger("rkif.trainer_log")      # INFO: the Trainer's log dicts in the terminal too
+TRAINER_LOG.setLevel(logging.WARNING)
+
+
+def show_trainer_logs(on: bool) -> None:
+    """The CLI's ``--verbose``: print every Trainer log dict above the progress bar (or stop)."""
+    TRAINER_LOG.setLevel(logging.INFO if on else logging.WARNING)
 
 
 def quiet_dependencies() -> None:
@@ -59,8 +67,8 @@ class ConsoleCallback(TrainerCallback):
                 self.postfix[key.rsplit("/", 1)[0] + " round"] = str(value)
         if self.bar is not None:
             self.bar.set_postfix(self.postfix, refresh=False)
-            if VERBOSE:
-                self.bar.write(json.dumps(logs))
+            if TRAINER_LOG.isEnabledFor(logging.INFO):
+                self.bar.write(json.dumps(logs))       # through tqdm, so the bar is redrawn below it
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:

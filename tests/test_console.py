@@ -1,6 +1,7 @@
 """The terminal shows progress bars and one line per task; the Trainer's log dicts go to log.jsonl."""
 
 import json
+import logging
 
 from rkif import console
 from rkif.cli import main
@@ -12,8 +13,7 @@ def _run(tiny_data, out, *extra, tasks="alpha,beta", method=("rkif", "-O", "inne
                  "--output", str(out), *extra])
 
 
-def test_log_dicts_go_to_the_log_file_not_the_terminal(tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(console, "VERBOSE", False)
+def test_log_dicts_go_to_the_log_file_not_the_terminal(tiny_data, tmp_path, capsys):
     assert _run(tiny_data, tmp_path / "quiet") == 0
     shown = "".join(capsys.readouterr())
     assert "'loss'" not in shown and '"loss"' not in shown and "rkif/in_only" not in shown
@@ -26,4 +26,5 @@ def test_log_dicts_go_to_the_log_file_not_the_terminal(tiny_data, tmp_path, caps
 def test_verbose_prints_the_log_dicts(tiny_data, tmp_path, capsys):
     assert _run(tiny_data, tmp_path / "loud", "--verbose", tasks="alpha", method=("seqlora",)) == 0
     assert '"loss"' in "".join(capsys.readouterr())
-    console.VERBOSE = False
+    assert console.TRAINER_LOG.isEnabledFor(logging.INFO)
+    console.show_trainer_logs(False)

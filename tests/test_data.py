@@ -567,3 +567,12 @@ def test_non_utf8_file_names_the_file(tmp_path):
     path.write_bytes(b"\xff\xfe[1]")
     with pytest.raises(DataError, match="x.json"):
         read_records(path)
+
+
+@pytest.mark.parametrize("layout", ["standard", "superni"])
+def test_a_repeated_task_is_refused_in_every_layout(layout, tiny_data, superni_data):
+    root, names = (tiny_data, ["alpha", "beta"]) if layout == "standard" else (superni_data, sorted(
+        p.name for p in superni_data.iterdir()))
+    assert resolve_task_names(root, layout, tasks=names) == names
+    with pytest.raises(DataError, match="repeats a task"):
+        resolve_task_names(root, layout, tasks=[names[0], names[1], names[0]])

@@ -221,3 +221,11 @@ def test_bf16_mixed_precision_trains_and_fuses(tmp_path):
     for n in ref:
         assert torch.isfinite(ours[n]).all() and ours[n].dtype == torch.float32
         assert torch.allclose(ours[n], ref[n], atol=0.1)                   # close to fp32, not equal
+
+
+def test_the_outer_batch_must_split_evenly_over_the_trainers_processes():
+    from rkif.methods.rkif import RKIFConfig
+
+    RKIFConfig(outer_batch_size=6).check_processes(3)
+    with pytest.raises(ValueError, match="outer_batch_size=6: expected a multiple of the number of processes \\(4\\)"):
+        RKIFConfig(outer_batch_size=6).check_processes(4)

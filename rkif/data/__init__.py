@@ -196,7 +196,16 @@ def resolve_task_names(root: Path, benchmark: str = "standard", order: int = 1,
     """
     if benchmark == "superni":
         from rkif.data import superni
-        return superni.resolve_task_names(Path(root), order, tasks)
+        names = superni.resolve_task_names(Path(root), order, tasks)
+    else:
+        names = _layout_task_names(root, benchmark, order, tasks)
+    if len(set(names)) != len(names):
+        raise DataError(f"task list repeats a task: {names}")
+    return names
+
+
+def _layout_task_names(root: Path, benchmark: str, order: int, tasks: list[str] | None) -> list[str]:
+    """The Standard/Long layout's task list (explicit or order N); every task must have files."""
     known = available_tasks(root)
     if tasks:
         names = list(tasks)
@@ -214,8 +223,6 @@ def resolve_task_names(root: Path, benchmark: str = "standard", order: int = 1,
     unknown = [n for n in names if n not in known]
     if unknown:
         raise DataError(f"unknown task(s) {unknown} under {_task_dir(root)} (known: {known})")
-    if len(set(names)) != len(names):
-        raise DataError(f"task list repeats a task: {names}")
     return names
 
 

@@ -70,7 +70,8 @@ def available_tasks(root: Path) -> list[str]:
 
 
 def resolve_task_names(root: Path, order: int = 1, tasks: list[str] | None = None) -> list[str]:
-    """An explicit task list, or published order 1 or 2; every task's folder must exist."""
+    """An explicit task list, or published order 1 or 2; every task's folder must exist (``rkif.data.
+    resolve_task_names`` dispatches here and refuses a repeated task for every benchmark)."""
     if tasks:
         names = list(tasks)
     elif order in ORDERS:
@@ -81,8 +82,6 @@ def resolve_task_names(root: Path, order: int = 1, tasks: list[str] | None = Non
     missing = [n for n in names if n not in known]
     if missing:
         raise DataError(f"SuperNI task folder(s) with a train.json missing under {task_root(root)}: {missing}")
-    if len(set(names)) != len(names):
-        raise DataError(f"task list repeats a task: {names}")
     return names
 
 

@@ -121,10 +121,14 @@ class RKIFConfig(MethodConfig):
         _check_controls(self)
 
     def check_run(self, run) -> None:
-        """One outer batch is split over the processes (``_memory_batch``)."""
-        if self.outer_batch_size % process_count():
+        """One outer batch is split over the processes (``_memory_batch``): before the model loads."""
+        self.check_processes(process_count())
+
+    def check_processes(self, processes: int) -> None:
+        """Refuse an outer batch that the processes cannot share evenly."""
+        if self.outer_batch_size % processes:
             raise fail(self.label("outer_batch_size"), self.outer_batch_size,
-                       f"expected a multiple of the number of processes ({process_count()})")
+                       f"expected a multiple of the number of processes ({processes})")
 
 
 @register
@@ -151,9 +155,7 @@ class RecurrentKIF(MemoryMethod):
         self.active = len(self.memory) > 0          # task 1: no memory, plain training
         if not self.active:
             return
-        if cfg.outer_batch_size % trainer.args.world_size:
-            raise ValueError(f"rkif outer_batch_size={cfg.outer_batch_size} must be a multiple of the "
-                             f"number of processes ({trainer.args.world_size})")
+        cfg.check_processes(trainer.args.world_size)    # again: a Trainer built outside rkif (RecurrentKIFCallback)
         self.params = self.backbone.trainable_parameters()
         self.shards = sharding_of(trainer.model_wrapped)
         if self.shards.sharded and self.config.mask_source == "random":   # counts and draws would be per shard
