@@ -4,6 +4,7 @@ from rkif.methods import (  # noqa: F401
     ewc,
     inclora,
     l2p,
+    lfpt5,
     migu,
     moelora,
     mtl,

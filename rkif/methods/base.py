@@ -19,6 +19,9 @@ Every hook is a documented no-op, so a method overrides only the moments it need
 ``parameter_access`` (class) says where the method can run (checked by ``rkif.sharding`` before the
 first step): ``"loss"`` (data and loss only), ``"shards"`` (correct on FSDP2's local shards) or
 ``"whole"`` (the default: whole parameters on every process, so not under FSDP or DeepSpeed).
+
+``PromptMethod`` is the base of the methods that train prompt embeddings on a frozen generative backbone
+(L2P, LFPT5): a frozen placeholder LoRA that never runs, and a check that only their prompt tensors train.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from peft import LoraConfig
 
 from rkif.checks import Rule, check_choice, check_rules, check_type, check_types, describe, fail, field_types
 from rkif.data import Example, ReplayMemory, Task
@@ -208,3 +212,33 @@ class MemoryMethod(Method):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.memory.load_state_dict(meta["memory"])
+
+
+class PromptMethod(Method):
+    """A method whose only trainable tensors are prompt embeddings prepended to a frozen generative backbone.
+
+    peft needs an adapter to wrap the model: ``peft_config`` gives a frozen rank-1 LoRA (B = 0, no effect),
+    and ``__init__`` disables it, so it never runs. Generative families only (refused before the model loads
+    by ``peft_config``, and again here for a backbone built by hand).
+    """
+
+    @classmethod
+    def peft_config(cls, config: MethodConfig, backbone: BackboneConfig) -> LoraConfig:
+        require_family(cls.name, backbone.family)
+        return LoraConfig(r=1, lora_alpha=1, target_modules=backbone.lora_targets, inference_mode=True)
+
+    def __init__(self, config: MethodConfig, backbone: Backbone, run: RunConfig):
+        super().__init__(config, backbone, run)
+        require_family(self.name, backbone.family)
+        backbone.model.base_model.disable_adapter_layers()              # the placeholder never runs
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The frozen input-embedding matrix [V, d] (prompts are initialised from its rows)."""
+        return self.backbone.model.get_base_model().get_input_embeddings().weight.detach()
+
+    def check_frozen(self, expected: list[str]) -> None:
+        """Refuse a backbone whose trainable parameters are not exactly ``expected`` (the method's prompts)."""
+        trainable = sorted(self.backbone.trainable_parameters())
+        if trainable != sorted(expected):
+            raise RuntimeError(f"{self.name}: the backbone is not frozen, trainable: {trainable[:4]}")

@@ -16,9 +16,9 @@ lambda 0.5, prompts initialised from random vocabulary embeddings); the official
 length 10, top-N 4, lambda 1.0, Adam lr 0.03 constant (set the run's ``lr`` and ``lr_scheduler``; keys
 are initialised uniform(-1, 1) as there).
 
-Hooks: ``peft_config`` (a frozen placeholder LoRA; refuses the encoder family), the backbone input hook
-(selection and prefix, ``Backbone.add_input_hook``), ``extra_loss`` (the pull term, logged as
-``l2p_pull``), ``on_train_begin`` / ``after_task`` (how often each prompt was selected, in
+Hooks: ``peft_config`` (``PromptMethod``'s frozen placeholder LoRA; refuses the encoder family), the
+backbone input hook (selection and prefix, ``Backbone.add_input_hook``), ``extra_loss`` (the pull term,
+logged as ``l2p_pull``), ``on_train_begin`` / ``after_task`` (how often each prompt was selected, in
 ``diagnostics``). The pool is a submodule of the backbone, so it is saved and restored with the adapters.
 
 Deviations: the query pools the prompt's tokens only (TRACE averages every input position, padding and,
@@ -34,13 +34,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from peft import LoraConfig
 from torch import nn
 
 from rkif.backbones.base import masked_mean
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, fail
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig, require_family
+from rkif.methods.base import MethodConfig, PromptMethod, require_family
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -92,27 +91,17 @@ def pull_term(selected_similarity: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class L2P(Method):
+class L2P(PromptMethod):
     name = "l2p"
     config_class = L2PConfig
 
-    @classmethod
-    def peft_config(cls, config: L2PConfig, backbone) -> LoraConfig:
-        """A frozen rank-1 LoRA with B = 0 (no effect; disabled in ``__init__``): peft needs an adapter to wrap."""
-        require_family(cls.name, backbone.family)
-        return LoraConfig(r=1, lora_alpha=1, target_modules=backbone.lora_targets, inference_mode=True)
-
     def __init__(self, config: L2PConfig, backbone, run):
-        super().__init__(config, backbone, run)
-        require_family(self.name, backbone.family)
-        backbone.model.base_model.disable_adapter_layers()              # the placeholder never runs
-        embedding = backbone.model.get_base_model().get_input_embeddings().weight
+        super().__init__(config, backbone, run)                         # frozen backbone, placeholder LoRA off
+        embedding = self.embedding
         rows = torch.randint(embedding.shape[0], (config.pool_size, config.prompt_length))
         keys = torch.empty(config.pool_size, embedding.shape[1]).uniform_(-1, 1)
-        backbone.prompt_pool = PromptPool(embedding.detach()[rows].clone(), keys.to(embedding.device))
-        trainable = sorted(backbone.trainable_parameters())
-        if trainable != ["prompt_pool.keys", "prompt_pool.prompts"]:
-            raise RuntimeError(f"{self.name}: the backbone is not frozen, trainable: {trainable[:4]}")
+        backbone.prompt_pool = PromptPool(embedding[rows].clone(), keys.to(embedding.device))
+        self.check_frozen(["prompt_pool.keys", "prompt_pool.prompts"])
         backbone.add_input_hook(self._prefix, prefix_length=config.top_n * config.prompt_length)
         self.pool: PromptPool = backbone.prompt_pool
         self.selected: torch.Tensor | None = None       # [B, N] of the last sequences (tests, diagnostics)
