@@ -11,6 +11,7 @@ from rkif.methods import (  # noqa: F401
     osf,
     replay,
     rkif,
+    sapt,
     seqlora,
     tasl,
     vrmcl,
