@@ -12,6 +12,7 @@ from rkif.methods import (  # noqa: F401
     osf,
     replay,
     rkif,
+    sapt,
     seqlora,
     tasl,
     vrmcl,

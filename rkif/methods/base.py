@@ -137,6 +137,16 @@ def require_family(method: str, family: str, allowed: tuple[str, ...] = GENERATI
                          f"{' or '.join(allowed)} backbone")
 
 
+def require_one_process(method: str) -> None:
+    """Refuse a multi-process run for a method that samples its own training data (generative replay):
+    each process would sample different pseudo-samples and train on different lists."""
+    from rkif.config import process_count
+
+    if process_count() > 1:
+        raise ValueError(f"method {method} runs on one process (its pseudo-samples are sampled where "
+                         f"they are trained), got {process_count()}; run it without torchrun")
+
+
 class Method:
     """Base class of every continual-learning method (see the module docstring for the hooks)."""
 

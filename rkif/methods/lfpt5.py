@@ -61,9 +61,8 @@ import torch
 from torch import nn
 
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
-from rkif.config import process_count
 from rkif.data import Example, Task
-from rkif.methods.base import MethodConfig, PromptMethod, require_family
+from rkif.methods.base import MethodConfig, PromptMethod, require_family, require_one_process
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -100,9 +99,7 @@ class LFPT5Config(MethodConfig):
 
     def check_run(self, run) -> None:
         require_family(self.method, run.backbone.family)           # before the model loads
-        if process_count() > 1:
-            raise ValueError(f"method {self.method} runs on one process (its pseudo-samples are sampled where "
-                             f"they are trained), got {process_count()}; run it without torchrun")
+        require_one_process(self.method)
 
 
 class SoftPrompt(nn.Module):
