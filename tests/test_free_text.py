@@ -57,3 +57,20 @@ def test_free_text_needs_a_generative_family():
 def test_causal_source_must_not_be_empty():
     with pytest.raises(ValueError, match="must not be empty"):
         tiny_llama().text_batch([""], ["x"], 4)
+
+
+@pytest.mark.parametrize("family", [tiny_llama, tiny_t5])
+def test_repetition_penalty_spares_the_source_in_every_family(family):
+    """A repeated *generated* token is penalised, a token of the source is not: a decoder-only model reads its
+    source in ``input_ids``, where ``generate`` would penalise it too (an encoder-decoder never does)."""
+    backbone = family()
+    head = backbone.model.get_base_model().lm_head
+    alpha, beta = backbone.tokenizer.convert_tokens_to_ids(["alpha", "beta"])
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():                                 # logits: 10 for alpha (in the source), 5 for beta
+        biased.weight.zero_()
+        biased.bias.zero_()
+        biased.bias[alpha], biased.bias[beta] = 10.0, 5.0
+    backbone.model.get_base_model().lm_head = biased
+    assert backbone.sample_text(["__gen__ alpha"], 2, top_k=1) == ["alpha alpha"]
+    assert backbone.sample_text(["__gen__ alpha"], 2, top_k=1, repetition_penalty=100.0) == ["alpha beta"]

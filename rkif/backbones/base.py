@@ -205,7 +205,8 @@ class Backbone(nn.Module):
         """Sampled continuations of each plain-text source (``num_return_sequences`` each, source by source),
         stopped at EOS or ``max_new_tokens``, decoded and stripped; in eval mode, batches of
         ``eval_batch_size`` sources. ``sampling``: ``generate``'s sampling options (``top_k``, ``temperature``,
-        ``repetition_penalty``). Draws from torch's global generator: seed it for reproducible samples."""
+        ``repetition_penalty``: on the generated tokens only, never the source's, in every family). Draws from
+        torch's global generator: seed it for reproducible samples."""
         if not sources:
             return []
         was_training = self.training

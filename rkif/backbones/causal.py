@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from rkif.backbones.base import (
     ANSWER_MODES,
@@ -183,11 +183,19 @@ class CausalBackbone(Backbone):
 
     def sample_batch(self, sources: list[str], max_new_tokens: int, num_return_sequences: int,
                      sampling: dict) -> list[str]:
+        """See ``Backbone.sample_text``. ``generate`` would apply a ``repetition_penalty`` to the source's tokens
+        too (they are in ``input_ids`` here): it runs as a processor that skips them, so only generated tokens
+        are penalised, as an encoder-decoder does."""
         input_ids, mask = self._pad([self._source_ids(s) for s in sources], left=True, device=self.device)
+        sampling, processors = dict(sampling), LogitsProcessorList()
+        penalty = sampling.pop("repetition_penalty", None)
+        if penalty is not None and penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=input_ids.shape[1]))
+            sampling["repetition_penalty"] = 1.0                # no second, source-reading processor
         ids = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   do_sample=True, num_beams=1, num_return_sequences=num_return_sequences,
                                   eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                  synced_gpus=self.sharded, **sampling)
+                                  synced_gpus=self.sharded, logits_processor=processors, **sampling)
         return [s.strip() for s in self.tokenizer.batch_decode(ids[:, input_ids.shape[1]:], skip_special_tokens=True)]
 
     # -- input hook (prompt and routing methods) -------------------------------------------------
