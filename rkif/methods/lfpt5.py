@@ -11,11 +11,11 @@ backbone; only P trains. Every step adds two terms to the task loss (the Trainer
 The LM stream trains P as a generator of the task's examples: given a per-task cue text
 (``"__gen__ <task>"``) it predicts the whole prompt (instruction included), the separator and the answer.
 Before each stage k > 0 it samples pseudo-samples of every earlier task with the current prompt (top-k 64,
-repetition penalty 2.5 on the generated tokens, not the cue: the official settings), keeps those that parse as ``prompt __ans__ answer`` with a
-non-empty prompt and answer and, for a closed label set, an answer inside it (the official drops the
-others), up to 2 per class (free-text tasks: 4 per task, the official summarization count), drawing again
-for the missing ones for a bounded number of rounds. They are replayed as ordinary examples (CE and LM
-stream) and distilled: P_prev is a snapshot of P taken before the stage.
+repetition penalty 2.5 on the generated tokens, not the cue: the official settings), keeps those that parse
+as ``prompt __ans__ answer`` with a non-empty prompt and answer and, for a closed label set, an answer inside
+it (the official drops the others), up to 2 per class (free-text tasks: 4 per task, the official
+summarization count), drawing again for the missing ones for a bounded number of rounds. They are replayed
+as ordinary examples (CE and LM stream) and distilled: P_prev is a snapshot of P taken before the stage.
 
 Prompt initialisation: L rows drawn (seeded, without replacement) from the embeddings of the first
 ``init_vocab`` (5000) non-special token ids (BPE merge order and sentencepiece score order approximate
