@@ -198,6 +198,28 @@ def test_kl_is_zero_for_equal_prompts_positive_otherwise_and_only_the_prompt_get
     assert all(p.grad is None for n, p in backbone.named_parameters() if n != "soft_prompt.weight")
 
 
+@pytest.mark.parametrize("family", [tiny_llama, tiny_t5])
+def test_distillation_is_kl_from_the_previous_prompt_to_the_current_one_and_trains_the_current(family):
+    backbone, method = build(family)
+    rows = ALPHA.split("train")[:3]
+    with torch.no_grad():
+        method.previous = method.prompt.weight + torch.randn(method.prompt.weight.shape,
+                                                             generator=torch.Generator().manual_seed(0))
+    kl = method.distillation(rows)
+    batch = backbone.collate(rows)
+    backbone.eval()
+    with torch.no_grad():                                   # by hand: P's logits, then P_prev's in P's place
+        current = answer_logits(backbone, batch)
+        saved = method.prompt.weight.detach().clone()
+        method.prompt.weight.copy_(method.previous)
+        previous = answer_logits(backbone, batch)
+        method.prompt.weight.copy_(saved)
+    assert kl.item() > 0 and torch.allclose(kl, answer_kl(current, previous), rtol=1e-6, atol=0)   # KL(P_prev||P)
+    assert not torch.allclose(kl, answer_kl(previous, current), rtol=1e-6, atol=0)
+    kl.backward()                                           # the student pass is P's, the teacher's has no grad
+    assert method.prompt.weight.grad.abs().sum() > 0
+
+
 def test_the_prompt_starts_from_frequent_tokens_then_the_first_task_name_and_labels():
     backbone, method = build(init_vocab=50, seed=3)
     embedding = backbone.model.get_base_model().get_input_embeddings().weight.detach()
