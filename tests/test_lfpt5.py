@@ -220,6 +220,16 @@ def test_distillation_is_kl_from_the_previous_prompt_to_the_current_one_and_trai
     assert method.prompt.weight.grad.abs().sum() > 0
 
 
+def test_the_distillation_passes_compute_no_logits_for_the_prefix():
+    backbone, method = build(prompt_length=6)
+    widths = []
+    backbone.model.get_base_model().lm_head.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    rows = ALPHA.split("train")[:3]
+    method.previous = method.prompt.weight.detach() + 1
+    method.distillation(rows)
+    assert widths == [backbone.collate(rows)["labels"].shape[1]] * 2      # teacher and student: T columns, not 6 + T
+
+
 def test_the_prompt_starts_from_frequent_tokens_then_the_first_task_name_and_labels():
     backbone, method = build(init_vocab=50, seed=3)
     embedding = backbone.model.get_base_model().get_input_embeddings().weight.detach()
