@@ -74,3 +74,20 @@ def test_repetition_penalty_spares_the_source_in_every_family(family):
     backbone.model.get_base_model().lm_head = biased
     assert backbone.sample_text(["__gen__ alpha"], 2, top_k=1) == ["alpha alpha"]
     assert backbone.sample_text(["__gen__ alpha"], 2, top_k=1, repetition_penalty=100.0) == ["alpha beta"]
+
+
+@pytest.mark.parametrize("family", [tiny_llama, tiny_t5])
+def test_prompt_text_is_the_prompt_as_the_model_reads_it(family):
+    from rkif.data import Example
+
+    backbone = family()
+    short = Example("t", "one two three\nAnswer:", "yes", "Pick yes or no.\n")
+    long = Example("t", " ".join(f"word{i}" for i in range(200)) + "\nAnswer:", "yes", "Pick yes or no.\n")
+    tok = backbone.tokenizer
+    assert tok.decode(tok(backbone.prompt_text(short), add_special_tokens=False)["input_ids"]) == tok.decode(
+        tok(short.prompt, add_special_tokens=False)["input_ids"])                      # nothing cut
+    cut = backbone.prompt_text(long)
+    assert len(tok(cut, add_special_tokens=False)["input_ids"]) <= backbone.config.max_length < len(
+        tok(long.prompt, add_special_tokens=False)["input_ids"])
+    if family is tiny_llama:                            # the causal cut keeps the instruction and the "Answer:" cue
+        assert cut.lower().startswith("pick yes or no") and cut.lower().rstrip().endswith("answer :")

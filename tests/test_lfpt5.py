@@ -45,7 +45,7 @@ ALPHA, BETA = task("alpha", ["yes", "no"]), task("beta", ["red", "green", "blue"
 def test_the_generator_stream_learns_the_whole_prompt_the_separator_and_the_answer_after_the_task_cue():
     ex = ALPHA.split("train")[0]
     assert cue("alpha") == "__gen__ alpha"
-    assert lm_target(ex) == ex.instruction + ex.input + " __ans__ " + ex.output
+    assert lm_target(ex.prompt, ex.output) == ex.instruction + ex.input + " __ans__ " + ex.output
     backbone, method = build(batch_size=3)
     seen = []
     real = backbone.text_batch
@@ -57,13 +57,13 @@ def test_the_generator_stream_learns_the_whole_prompt_the_separator_and_the_answ
     terms = method.extra_loss(backbone, {})
     (sources, targets, n), = seen
     assert len(sources) == 3 and n == 12
-    stream = {lm_target(e): cue(e.task) for e in method.stream}
+    stream = {lm_target(backbone.prompt_text(e), e.output): cue(e.task) for e in method.stream}
     assert all(stream[target] == source for source, target in zip(sources, targets))   # each row with its own cue
     by_hand = 0.25 * backbone(**real(sources, targets, n))["loss"]
     assert torch.allclose(terms["lfpt5_lm"], by_hand)
     method.stream = [pseudo]
     method.extra_loss(backbone, {})
-    assert seen[-1][0] == ["__gen__ beta"] * 3 and seen[-1][1] == [f"{pseudo.prompt} __ans__ red"] * 3
+    assert seen[-1][0] == ["__gen__ beta"] * 3 and seen[-1][1] == [f"{backbone.prompt_text(pseudo)} __ans__ red"] * 3
     with torch.no_grad():                                   # the stream reads the soft prompt
         method.prompt.weight.add_(torch.randn(method.prompt.weight.shape, generator=torch.Generator().manual_seed(0)))
     assert not torch.allclose(backbone(**real(sources, targets, n))["loss"], by_hand / 0.25)
@@ -120,7 +120,7 @@ def fake_sampler(calls: list, drawn: list):
 
 
 def test_pseudo_samples_are_the_parsed_samples_of_the_model_and_no_stored_example_is_replayed():
-    backbone, method = build(oversample=1, seed=7)
+    backbone, method = build(oversample=1, sample_rounds=3, seed=7)
     calls, drawn = [], []
     backbone.sample_text = fake_sampler(calls, drawn)
     method.before_task(0, [ALPHA], ALPHA.split("train"))

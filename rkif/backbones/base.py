@@ -225,6 +225,10 @@ class Backbone(nn.Module):
         raise ValueError(f"the {self.family or type(self).__name__} family cannot generate text "
                          "(generative replay needs a causal or seq2seq backbone)")
 
+    def prompt_text(self, ex: Example) -> str:
+        """An example's prompt as the model reads it (cut to ``max_length`` as the family cuts it), as text."""
+        return ex.prompt
+
     def prompt_length(self, ex: Example) -> int:
         """Size of an example's prompt (what length-sorted prediction sorts by): characters unless overridden."""
         return len(ex.prompt)

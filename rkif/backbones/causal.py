@@ -114,6 +114,11 @@ class CausalBackbone(Backbone):
             self._prompt_cache[key] = self.prefix + instruction + text + self.suffix
         return self._prompt_cache[key]
 
+    def prompt_text(self, ex: Example) -> str:
+        """The cut prompt (``prompt_ids``) decoded, without the chat template's tokens."""
+        ids = self.prompt_ids(ex)
+        return self.tokenizer.decode(ids[len(self.prefix):len(ids) - len(self.suffix)])
+
     def answer_ids(self, label: str) -> list[int]:
         """The answer's tokens (at most ``max_target_length``) followed by EOS."""
         text = label if self.config.prompt_format == "chat" else " " + label

@@ -45,6 +45,11 @@ class Seq2SeqBackbone(Backbone):
                                   num_beams=1, synced_gpus=self.sharded)
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    def prompt_text(self, ex: Example) -> str:
+        """The prompt's first ``max_length`` tokens (the encoder's truncation) decoded."""
+        ids = self.tokenizer(ex.prompt, max_length=self.config.max_length, truncation=True)["input_ids"]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def text_batch(self, sources: list[str], targets: list[str], max_target_tokens: int) -> dict[str, torch.Tensor]:
         """See ``Backbone.text_batch``: the source through the encoder, the target (+ EOS) as the decoder's labels."""
         if len(sources) != len(targets):

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from peft import LoraConfig
 
 from rkif.checks import Rule, check_choice, check_rules, check_type, check_types, describe, fail, field_types
-from rkif.data import Example, ReplayMemory, Task
+from rkif.data import Example, ReplayMemory, Task, resolve_task_names
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -135,6 +136,11 @@ def require_family(method: str, family: str, allowed: tuple[str, ...] = GENERATI
     if family not in allowed:
         raise ValueError(f"method {method} cannot run on the {family} family: it needs a "
                          f"{' or '.join(allowed)} backbone")
+
+
+def task_count(run: RunConfig) -> int:
+    """K, the number of tasks of the run (its explicit list, or its benchmark order)."""
+    return len(run.tasks) if run.tasks else len(resolve_task_names(Path(run.data), run.benchmark, run.order))
 
 
 def require_one_process(method: str) -> None:

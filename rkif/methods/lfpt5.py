@@ -9,7 +9,8 @@ backbone; only P trains. Every step adds two terms to the task loss (the Trainer
     KL   = sum over pseudo rows and answer positions of KL(p(. | P_prev) || p(. | P))     (reduction "sum")
 
 The LM stream trains P as a generator of the task's examples: given a per-task cue text
-(``"__gen__ <task>"``) it predicts the whole prompt (instruction included), the separator and the answer.
+(``"__gen__ <task>"``) it predicts the whole prompt (instruction included; cut to ``--max-length`` as the
+backbone cuts a prompt, so the separator and answer always fit), the separator and the answer.
 Before each stage k > 0 it samples pseudo-samples of every earlier task with the current prompt (top-k 64,
 repetition penalty 2.5 on the generated tokens, not the cue: the official settings), keeps those that parse
 as ``prompt __ans__ answer`` with a non-empty prompt and answer and, for a closed label set, an answer inside
@@ -42,10 +43,11 @@ Deviations from the official code:
   here the vocabulary and the embeddings stay untouched.
 - The prompt is a prefix (the house input hook; a decoder-only model reads nothing placed after the
   text); the official appends it after the input in T5's encoder.
-- Sampling draws ``oversample`` sequences per missing pseudo-sample for up to ``sample_rounds`` rounds; the
-  official draws 3 sequences per test-set row once (the test inputs are never read, only counted) and
-  samples 2 per class among the valid ones. Generation is capped at ``max_gen_tokens`` (default
-  ``--max-length`` + ``--max-target-length``); the official caps at 128 and cuts LM targets at 256.
+- Sampling draws ``oversample`` (3) sequences per missing pseudo-sample for up to ``sample_rounds`` (2) rounds;
+  the official draws 3 sequences per test-set row once (the test inputs are never read, only counted) and
+  samples 2 per class among the valid ones. Generation and LM targets are capped at ``max_gen_tokens``
+  (default ``--max-length`` + ``--max-target-length`` + 8); the official caps generation at 128 tokens and
+  LM targets at 256, with inputs of at most 128.
 - The optimiser and schedule are the run's (the Trainer's AdamW); the official uses Adafactor, lr 0.5,
   weight decay 1e-5, clipping 1.0, and keeps each task's best checkpoint on pseudo + real dev data.
 - One process only: pseudo-samples must be identical on every process (refused in ``check_run``).
@@ -69,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 CUE = "__gen__"          # the LM stream's source: CUE + " " + task name
 SEPARATOR = "__ans__"    # between a generated prompt and its answer
+SEPARATOR_TOKENS = 8     # room for the separator's tokens in the default token cap
 
 
 @dataclass
@@ -78,12 +81,12 @@ class LFPT5Config(MethodConfig):
     kl_weight: float = 0.01           # weight of the KL distillation (official kd_lamda)
     pseudo_per_class: int = 2         # pseudo-samples kept per label of a closed-label task (official)
     pseudo_per_task: int = 4          # pseudo-samples kept per free-text task (official summarization)
-    oversample: int = 8               # sequences drawn per missing pseudo-sample in a round
-    sample_rounds: int = 3            # rounds of drawing before giving up on the missing ones
+    oversample: int = 3               # sequences drawn per missing pseudo-sample in a round (official: 3 a row)
+    sample_rounds: int = 2            # rounds of drawing before giving up on the missing ones
     top_k: int = 64                   # sampling (official)
     repetition_penalty: float = 2.5   # sampling (official)
     max_gen_tokens: int = 0           # tokens of a "prompt __ans__ answer" (LM target, sampling); 0: the
-                                      # backbone's max_length + max_target_length
+                                      # backbone's max_length + max_target_length + SEPARATOR_TOKENS
     init_vocab: int = 5000            # P's rows are drawn from the first init_vocab non-special token ids
     task_init: bool = True            # before stage 0 P's first rows embed the first task's name and labels
 
@@ -116,9 +119,10 @@ def cue(task: str) -> str:
     return f"{CUE} {task}"
 
 
-def lm_target(ex: Example) -> str:
-    """What the LM stream learns to generate for an example: its whole prompt, the separator, its answer."""
-    return f"{ex.prompt} {SEPARATOR} {ex.output}"
+def lm_target(prompt: str, answer: str) -> str:
+    """What the LM stream learns to generate for an example: its prompt (as the model reads it: cut to
+    ``--max-length`` as the backbone cuts it, so the separator and answer always fit), the separator, its answer."""
+    return f"{prompt} {SEPARATOR} {answer}"
 
 
 def parse_pseudo(text: str, task: str) -> Example | None:
@@ -187,7 +191,7 @@ class LFPT5(PromptMethod):
     def gen_tokens(self) -> int:
         """Tokens of a generated (or LM-trained) ``prompt __ans__ answer``."""
         cfg = self.backbone.config
-        return self.config.max_gen_tokens or cfg.max_length + cfg.max_target_length
+        return self.config.max_gen_tokens or cfg.max_length + cfg.max_target_length + SEPARATOR_TOKENS
 
     # -- the prompt -----------------------------------------------------------------------------
     def _prefix(self, embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -272,8 +276,8 @@ class LFPT5(PromptMethod):
 
     def lm_loss(self, rows: list[Example]) -> torch.Tensor:
         """The LM stream's loss on ``rows``: each row's ``prompt __ans__ answer`` given its task's cue."""
-        batch = self.backbone.text_batch([cue(ex.task) for ex in rows], [lm_target(ex) for ex in rows],
-                                         self.gen_tokens)
+        targets = [lm_target(self.backbone.prompt_text(ex), ex.output) for ex in rows]
+        batch = self.backbone.text_batch([cue(ex.task) for ex in rows], targets, self.gen_tokens)
         return self.backbone(**self._on_device(batch))["loss"]
 
     def distillation(self, rows: list[Example]) -> torch.Tensor:

@@ -38,7 +38,6 @@ import copy
 import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -48,8 +47,8 @@ from torch import nn
 
 from rkif.backbones.base import masked_mean
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE_INT, Rule
-from rkif.data import Example, Task, resolve_task_names
-from rkif.methods.base import Method, MethodConfig, require_family
+from rkif.data import Example, Task
+from rkif.methods.base import Method, MethodConfig, require_family, task_count
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -83,11 +82,6 @@ def gate_weights(router: nn.Linear, query: torch.Tensor) -> torch.Tensor:
 def expert_names(n: int) -> list[str]:
     """The peft adapter of each expert: the backbone's own for expert 0, ``expert_<e>`` after."""
     return [BASE_ADAPTER] + [f"expert_{e}" for e in range(1, n)]
-
-
-def task_count(run) -> int:
-    """K, the number of tasks of the run (its explicit list, or its benchmark order)."""
-    return len(run.tasks) if run.tasks else len(resolve_task_names(Path(run.data), run.benchmark, run.order))
 
 
 @register

@@ -51,6 +51,7 @@ Deviations from the official code:
 - one run: the generator trains in the same Trainer steps, with the run's optimizer and learning rate
   (weighted by ``generator_weight``), instead of a separate run per task (lr 1e-3, 5000 steps, batch 16)
   from the base model; its passes leave every task LoRA out (gate 0) and the task passes leave it out.
+  The last task's generator is not trained: nothing samples it (the official trains one per task).
 - the markers ``__gen__`` / ``__inp__`` are plain text, not added vocabulary tokens (the embeddings stay
   frozen); a tokenizer that does not decode them back verbatim yields no pseudo-prompts (a warning says so).
   Pseudo-prompts are re-sampled from every earlier generator before each stage (the official samples once
@@ -62,7 +63,7 @@ Deviations from the official code:
   ``instruction + "\\n" + input``.
 - the softmax is always over every key learned so far, stage 0 included (the official Long script runs
   stage 0 without the selection, ``--run_single``, which its stage-1 command then cannot load).
-- the extra passes run on the unwrapped backbone; SAPT is not tested under DDP.
+- one process only (``require_one_process``): each process would sample its own pseudo-prompts.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ from torch import nn
 
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Rule
 from rkif.data import Example, Task
-from rkif.methods.base import MethodConfig, require_family, require_one_process
+from rkif.methods.base import MethodConfig, require_family, require_one_process, task_count
 from rkif.methods.inclora import BASE_ADAPTER, IncLoRA
 from rkif.methods.registry import register
 
@@ -236,6 +237,7 @@ class SAPT(IncLoRA):
         self._add_stage_modules(0)
         backbone.add_input_hook(self._select)
         self.stage = 0
+        self.last_stage = task_count(run) - 1          # its generator would never be sampled: not trained
         self.recorded: list[list[float]] = []          # m_t per finished stage
         self.train_sizes: list[int] = []
         self.stage_names: list[str] = []
@@ -373,12 +375,13 @@ class SAPT(IncLoRA):
         if not cfg.kl_ratio:
             return terms
         size, device = self.run.batch_size, self.backbone.device
-        examples = [self._train[i] for i in self._draws["train"].take(size)]
-        batch = self.backbone.text_batch([GEN] * len(examples), [generator_target(ex) for ex in examples],
-                                         self.backbone.config.max_length)
-        with self.generating(self.generators[self.stage]):
-            loss = self.backbone(**{k: v.to(device) for k, v in batch.items()})["loss"]
-        terms["sapt_generator"] = cfg.generator_weight * loss
+        if self.stage < self.last_stage:
+            examples = [self._train[i] for i in self._draws["train"].take(size)]
+            batch = self.backbone.text_batch([GEN] * len(examples), [generator_target(ex) for ex in examples],
+                                             self.backbone.config.max_length)
+            with self.generating(self.generators[self.stage]):
+                loss = self.backbone(**{k: v.to(device) for k, v in batch.items()})["loss"]
+            terms["sapt_generator"] = cfg.generator_weight * loss
         if self.pseudo:
             if self._pooled is None:
                 self._pooled = {t: self.pooled_prompts([pseudo_example(self.stage_names[t], *p) for p in pairs])
