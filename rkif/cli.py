@@ -7,6 +7,7 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--methods", default=None,
                          help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
     bench_p.add_argument("--orders", default=None, help="comma-separated subset of the grid's orders to run")
-    sub.add_parser("methods", help="list the methods and presets")
+    sub.add_parser("methods", help="list the methods (summary, -O options and defaults) and presets")
     return parser
 
 
@@ -230,9 +231,28 @@ def _command(args: argparse.Namespace) -> int:
         print(report(dirs, out, args.html))
         print(f"\ntable.md{', report.html' if args.html else ''} and plots written to {out}")
         return 0
-    from rkif.methods import available
-    print("\n".join(available()))
+    print(methods_listing())
     return 0
+
+
+def methods_listing() -> str:
+    """``rkif methods``: each method with its summary (its module's first docstring line) and options with
+    their defaults, then each preset with the options it fixes."""
+    from rkif.methods import METHODS, PRESETS
+
+    width = max(map(len, [*METHODS, *PRESETS])) + 2
+    lines = []
+    for name, cls in sorted(METHODS.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+        lines.append(f"{name:<{width}}{doc.splitlines()[0] if doc else ''}")
+        options = " ".join(f"{f.name}={f.default}" for f in fields(cls.config_class))
+        if options:
+            lines.append(textwrap.fill(options, 100, initial_indent=" " * width + "-O ",
+                                       subsequent_indent=" " * (width + 3), break_on_hyphens=False))
+    lines.append("")
+    for name, (base, options) in sorted(PRESETS.items()):
+        lines.append(f"{name:<{width}}{base} with " + " ".join(f"{k}={v}" for k, v in options.items()))
+    return "\n".join(lines)
 
 
 def settings_config(**settings) -> RunConfig:

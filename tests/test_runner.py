@@ -205,3 +205,16 @@ def test_the_backbone_is_placed_where_the_trainer_will_train_it_before_any_evalu
     tasks = load_benchmark(tiny_data, ["alpha"], None, None, "test", 7)
     backbone, _ = runner.build_learner(run, tasks)
     assert backbone.device.type == "meta"
+
+
+def test_rkif_methods_lists_every_method_with_its_summary_and_options_and_every_preset(capsys):
+    from rkif.cli import main
+    from rkif.methods import METHODS, PRESETS
+
+    assert main(["methods"]) == 0
+    shown = capsys.readouterr().out
+    starts = {line.split()[0] for line in shown.splitlines() if line and not line.startswith(" ")}
+    assert starts == set(METHODS) | set(PRESETS)
+    assert "lfpt5          LFPT5: one soft prompt" in shown and "prompt_length=300" in shown
+    assert "rkif-ki        rkif with fusion=sum" in shown
+    assert all(len(line) <= 100 for line in shown.splitlines() if line.startswith(" "))   # options wrapped
