@@ -7,6 +7,8 @@ A grid is a small TOML file::
     orders = [1, 2, 3]
     seeds = [42]
     methods = ["seqlora", "replay", "rkif"]
+    user_modules = ["my_method.py"]   # optional: .py files or dotted modules registering your own methods
+                                      # (paths relative to the working directory, as --user-module's)
     [run]                             # RunConfig fields shared by every run
     train_size = 500                  # or "all" (every example), as test_size
     [backbone]                        # BackboneConfig fields
@@ -41,7 +43,7 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -52,7 +54,7 @@ from rkif.backbones import BackboneConfig
 from rkif.checks import check_types
 from rkif.config import BENCHMARK_ORDERS, RunConfig
 from rkif.data import BENCHMARK_DEFAULTS, read_task, resolve_task_names
-from rkif.methods import available
+from rkif.methods import available, import_user_modules
 from rkif.report import grid_report
 
 if sys.version_info >= (3, 11):
@@ -62,14 +64,16 @@ else:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone", "method_options", "variants",
-             "reference"}
+             "reference", "user_modules"}
 VARIANT_KEYS = {"method", "options", "run"}
-RESERVED_RUN_KEYS = {"method", "method_options", "backbone", "order", "seed", "benchmark", "tasks", "resume", "output"}
+RESERVED_RUN_KEYS = {"method", "method_options", "backbone", "order", "seed", "benchmark", "tasks", "resume", "output",
+                     "user_modules"}
 ALL_EXAMPLES = ("train_size", "test_size")       # "all" in a grid: every example (TOML has no null)
 
 
-def load_grid(path: Path) -> dict:
-    """Read and validate a grid file; errors name the file and the key at fault."""
+def load_grid(path: Path, user_modules: Sequence[str] = ()) -> dict:
+    """Read and validate a grid file; errors name the file and the key at fault. The grid's ``user_modules``
+    and the given ones (``--user-module``) are imported first, so their methods count as the grid's."""
     try:
         grid = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -84,6 +88,14 @@ def load_grid(path: Path) -> dict:
         value = grid.get(key, [42])
         if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
             raise ValueError(f"{path}: {key!r} must be a non-empty list of {kind.__name__}")
+    modules = grid.get("user_modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m.strip() for m in modules):
+        raise ValueError(f"{path}: 'user_modules' must be a list of .py files or dotted module names")
+    grid["user_modules"] = list(dict.fromkeys([*modules, *user_modules]))
+    try:
+        import_user_modules(grid["user_modules"])
+    except (ImportError, OSError) as err:
+        raise ValueError(f"{path}: {err}") from err
     for section, cls in (("run", RunConfig), ("backbone", BackboneConfig), ("method_options", None)):
         table = grid.get(section, {})
         if not isinstance(table, dict):
@@ -206,7 +218,7 @@ def grid_runs(grid: dict, out: Path, data: str | None = None) -> list[RunConfig]
         for order in grid["orders"]:
             for seed in grid.get("seeds", [42]):
                 settings = {**run_settings, "method": method, "order": order, "seed": seed,
-                            "benchmark": benchmark, "resume": True,
+                            "benchmark": benchmark, "resume": True, "user_modules": list(grid.get("user_modules", [])),
                             "method_options": dict(options),
                             "backbone": BackboneConfig(**grid.get("backbone", {})),
                             "output": str(out / "runs" / name / f"order{order}-seed{seed}")}
@@ -263,9 +275,11 @@ def claim(run_dir: Path) -> Iterator[bool]:
 
 def bench(config_path: Path, out: Path | None = None, data: str | None = None,
           report_only: bool = False, methods: list[str] | None = None,
-          orders: list[int] | None = None, html: bool = False) -> tuple[str, list[str]]:
+          orders: list[int] | None = None, html: bool = False,
+          user_modules: Sequence[str] = ()) -> tuple[str, list[str]]:
     """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots
-    (with ``html``, also the page report.html).
+    (with ``html``, also the page report.html). ``user_modules``: imported first, with the grid's own
+    (``--user-module``), and recorded in each run's config.
 
     ``methods`` and ``orders`` restrict the runs to part of the grid (e.g. one order of every
     method first, or a share for another process); the table still covers every finished run.
@@ -273,7 +287,7 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     """
     from rkif.runner import run_experiment
 
-    grid = load_grid(config_path)
+    grid = load_grid(config_path, user_modules)
     unknown = sorted(set(methods or []) - set(grid["methods"]))
     if unknown:
         raise ValueError(f"{config_path}: method(s) {unknown} are not in the grid; it has {grid['methods']}")

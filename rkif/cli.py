@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -46,9 +47,20 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",")]
 
 
+USER_MODULE_HELP = ("a .py file or a dotted module to import first, whose @register lines add your own methods "
+                    "(repeatable; recorded in results.json, so --resume imports it again)")
+
+
+def add_user_module_argument(p: argparse.ArgumentParser) -> None:
+    """``--user-module PATH_OR_MODULE`` (repeatable), as ``rkif run``, ``bench`` and ``methods`` take it."""
+    p.add_argument("--user-module", action="append", default=[], dest="user_modules", metavar="PATH_OR_MODULE",
+                   help=USER_MODULE_HELP)
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     d, b = RunConfig(), BackboneConfig()
     p.add_argument("--method", default=d.method, help="method or preset name (see `rkif methods`)")
+    add_user_module_argument(p)
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -O inner_steps=4 (repeatable)")
     p.add_argument("--model", default=b.model,
@@ -106,7 +118,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         answer_space=a.answer_space, eval_batch_size=a.eval_batch_size, prompt_format=a.prompt_format,
         answer_mode=a.answer_mode)
     return RunConfig(
-        method=a.method, method_options=_options(a.option), backbone=backbone,
+        method=a.method, method_options=_options(a.option), user_modules=a.user_modules, backbone=backbone,
         data=str(default_data_root()) if a.data is None else a.data, benchmark=a.benchmark, order=a.order,
         tasks=_names(a.tasks), train_size=a.train_size, test_size=a.test_size,
         eval_split=a.eval_split, eval_scope=a.eval_scope, memory_fraction=a.memory_fraction, epochs=a.epochs,
@@ -151,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--methods", default=None,
                          help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
     bench_p.add_argument("--orders", default=None, help="comma-separated subset of the grid's orders to run")
-    sub.add_parser("methods", help="list the methods (summary, -O options and defaults) and presets")
+    add_user_module_argument(bench_p)
+    methods_p = sub.add_parser("methods", help="list the methods (summary, -O options and defaults) and presets")
+    add_user_module_argument(methods_p)
     return parser
 
 
@@ -221,7 +235,7 @@ def _command(args: argparse.Namespace) -> int:
         only = args.methods.split(",") if args.methods else None
         orders = [int(o) for o in args.orders.split(",")] if args.orders else None
         table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
-                              only, orders, args.html)
+                              only, orders, args.html, args.user_modules)
         print(table)
         return 1 if failed else 0
     if args.command == "report":
@@ -231,15 +245,16 @@ def _command(args: argparse.Namespace) -> int:
         print(report(dirs, out, args.html))
         print(f"\ntable.md{', report.html' if args.html else ''} and plots written to {out}")
         return 0
-    print(methods_listing())
+    print(methods_listing(getattr(args, "user_modules", [])))
     return 0
 
 
-def methods_listing() -> str:
+def methods_listing(user_modules: Sequence[str] = ()) -> str:
     """``rkif methods``: each method with its summary (its module's first docstring line) and options with
-    their defaults, then each preset with the options it fixes."""
-    from rkif.methods import METHODS, PRESETS
+    their defaults, then each preset with the options it fixes; ``user_modules`` imported first."""
+    from rkif.methods import METHODS, PRESETS, import_user_modules
 
+    import_user_modules(list(user_modules))
     width = max(map(len, [*METHODS, *PRESETS])) + 2
     lines = []
     for name, cls in sorted(METHODS.items()):
@@ -294,12 +309,14 @@ def run_and_report(config: RunConfig) -> dict:
 
     tasks = prepare(config)        # every setting and data file checked before the output folder is touched
     if is_main_process():          # one writer per output folder (DDP ranks share their rank 0's claim)
-        io.check_output_dir(config.output_dir)          # a file or a read-only folder: refused before the model loads
-        with claim(config.output_dir) as mine:
-            if not mine:
-                raise FileExistsError(f"{config.output_dir} is being written by another rkif process "
-                                      f"(see {config.output_dir / '.lock'}); wait for it or choose another --output")
-            results = run_experiment(config, tasks)
+        # a run that fails before it writes anything (e.g. its model does not load) leaves no empty folder behind
+        with io.removed_if_failed_empty(config.output_dir):
+            io.check_output_dir(config.output_dir)      # a file or a read-only folder: refused before the model loads
+            with claim(config.output_dir) as mine:
+                if not mine:
+                    raise FileExistsError(f"{config.output_dir} is being written by another rkif process (see "
+                                          f"{config.output_dir / '.lock'}); wait for it or choose another --output")
+                results = run_experiment(config, tasks)
     else:
         results = run_experiment(config, tasks)
     if is_main_process():          # one writer of the table and plots

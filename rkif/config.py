@@ -61,6 +61,7 @@ class RunConfig:
 
     method: str = "rkif"
     method_options: dict = field(default_factory=dict)
+    user_modules: list[str] = field(default_factory=list)   # .py files or dotted modules registering methods
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: str = field(default_factory=lambda: str(default_data_root()))
     benchmark: str = "standard"
@@ -118,6 +119,9 @@ class RunConfig:
         if not isinstance(self.backbone, BackboneConfig):
             raise fail("backbone ", self.backbone, "expected a BackboneConfig")
         check_rules(self, RUN_RULES, flag)
+        for spec in self.user_modules:
+            if not spec.strip():
+                raise fail("--user-module ", spec, "expected a .py file or a dotted module name")
         check_choice(flag("benchmark"), self.benchmark, BENCHMARK_ORDERS)
         if self.tasks is None:
             check_choice(flag("order"), self.order, BENCHMARK_ORDERS[self.benchmark])
@@ -133,9 +137,11 @@ class RunConfig:
         self.method_config()[1].check_run(self)
 
     def method_config(self) -> tuple[type[Method], MethodConfig]:
-        """The method class and its config, parsed and checked from ``method`` and ``method_options``."""
-        from rkif.methods import parse_options, resolve
+        """The method class and its config, parsed and checked from ``method`` and ``method_options``, after
+        importing ``user_modules`` (where a user's own methods register)."""
+        from rkif.methods import import_user_modules, parse_options, resolve
 
+        import_user_modules(self.user_modules)
         method_cls, options = resolve(self.method, self.method_options)
         return method_cls, parse_options(method_cls.config_class, options)
 

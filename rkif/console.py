@@ -38,10 +38,16 @@ def quiet_dependencies() -> None:
 
 
 class ConsoleCallback(TrainerCallback):
-    """A progress bar over the stage's optimizer steps and the Trainer's logs written to ``log.jsonl``."""
+    """A progress bar over the stage's optimizer steps and the Trainer's logs written to ``log.jsonl``.
 
-    def __init__(self, desc: str):
+    Each record is ``{"stage_index", "tasks", "step", **logs}``: ``step`` restarts with every stage, so
+    ``stage_index`` (0-based, as ``checkpoints/stage_<j>`` and results.json's ``stage_log``; the terminal's
+    ``train <j + 1>``) and ``tasks`` (the stage's task names joined by ``+``) tell the stages apart.
+    """
+
+    def __init__(self, desc: str, stage_index: int = 0, tasks: str | None = None):
         self.desc = desc
+        self.stage = {"stage_index": stage_index, "tasks": tasks}
         self.bar: tqdm | None = None
         self.postfix: dict[str, str] = {}
 
@@ -59,7 +65,7 @@ class ConsoleCallback(TrainerCallback):
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as fh:
-            fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            fh.write(json.dumps({**self.stage, "step": state.global_step, **logs}) + "\n")
         if "loss" in logs:
             self.postfix["loss"] = f"{float(logs['loss']):.3f}"
         for key, value in logs.items():

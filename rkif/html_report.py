@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from rkif import io
+from rkif.report import sequence_label
 
 MAX_OPEN_RUNS = 4      # up to this many runs, each run's plots are shown open; more: collapsed, one line per run
 
@@ -135,11 +136,11 @@ def settings_table(r: dict) -> str:
 
 
 def _run_summary(r: dict) -> str:
-    """One line: OP, BWT, model, order, seed, precision (what tells runs apart at a glance)."""
+    """One line: OP, BWT, model, order (or tasks), seed, precision (what tells runs apart at a glance)."""
     config = r.get("config") or {}
     state = f"OP {_pct(r.get('op'))} · BWT {_pct(r.get('bwt'))}" if r.get("complete") else \
         f"{r.get('finished_stages')}/{len(r.get('stages', []))} stages"
-    parts = [state, r.get("model"), f"order {r.get('order')}", f"seed {config.get('seed')}",
+    parts = [state, r.get("model"), sequence_label(r), f"seed {config.get('seed')}",
              config.get("precision")]
     return " · ".join(escape(str(p)) for p in parts if p is not None)
 

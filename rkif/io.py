@@ -1,12 +1,15 @@
 """Atomic, safe writes: JSON for results, safetensors for weights (temp file + rename); checksummed
-checkpoint folders; the checks that an output folder is writable and a results file is whole."""
+checkpoint folders; the checks that an output folder is writable and a results file is whole; no empty
+output folder left by a failed run."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -146,3 +149,24 @@ def check_output_dir(path: Path, option: str = "--output") -> None:
         where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
         raise PermissionError(f"{option} {path}: cannot write there{where}: {reason}; "
                               f"choose another {option}") from err
+
+
+@contextlib.contextmanager
+def removed_if_failed_empty(path: Path) -> Iterator[None]:
+    """Run the block; if it raises, remove the folders it created for ``path`` (``path`` and the parents
+    missing before it ran, deepest first) that it left empty. A folder that existed before, or that holds
+    anything, is never removed: a failed run leaves no empty output folder, and never loses a result."""
+    created = []
+    folder = Path(path).absolute()
+    while not os.path.lexists(folder) and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()                # only ever an empty folder
+            except OSError:
+                break                         # not empty (or gone): it and its parents stay
+        raise

@@ -23,6 +23,13 @@ def score_name(r: dict) -> str:
     return " / ".join(names)
 
 
+def sequence_label(r: dict) -> str:
+    """The task sequence of a run: ``order 1``, or ``tasks dbpedia,amazon`` for a run given ``--tasks``."""
+    if r.get("order") is not None:
+        return f"order {r['order']}"
+    return "tasks " + ",".join(r.get("tasks") or [])
+
+
 def _results_file(path: Path) -> Path:
     return path / "results.json" if path.is_dir() else path
 
@@ -64,12 +71,14 @@ def default_report_dir(paths: list[Path]) -> Path:
 
 
 def summary_table(results: list[dict], labels: list[str] | None = None) -> str:
-    """One row per run: run (folder name), method, order, OP, BWT, FWT (percent), minutes."""
+    """One row per run: run (folder name), method, order (or the tasks of a ``--tasks`` run), OP, BWT, FWT
+    (percent), minutes."""
     labels = labels or [r["method"] for r in results]
     lines = ["| run | method | order | OP | BWT | FWT | minutes |", "|---|---|---|---|---|---|---|"]
     for label, r in zip(labels, results):
         done = "" if r["complete"] else f" ({r['finished_stages']}/{len(r['stages'])} stages)"
-        lines.append(f"| {label} | {r['method']}{done} | {r['order']} | {_pct(r['op'])} | {_pct(r['bwt'])} | "
+        order = r["order"] if r.get("order") is not None else sequence_label(r)        # "tasks a,b" without one
+        lines.append(f"| {label} | {r['method']}{done} | {order} | {_pct(r['op'])} | {_pct(r['bwt'])} | "
                      f"{_pct(r['fwt'])} | {r.get('seconds', 0.0) / 60:.1f} |")
     return "\n".join(lines)
 
@@ -77,7 +86,7 @@ def summary_table(results: list[dict], labels: list[str] | None = None) -> str:
 def matrix_table(r: dict) -> str:
     """The score matrix of one run (rows: task, columns: after stage j), with OP/BWT/FWT."""
     stages = ["+".join(s) for s in r["stages"]]
-    lines = [f"### {r['method']} ({r['model']}, order {r['order']}, {score_name(r)} %)", "",
+    lines = [f"### {r['method']} ({r['model']}, {sequence_label(r)}, {score_name(r)} %)", "",
              "| task | untrained | " + " | ".join(f"after {s}" for s in stages) + " |",
              "|---|---|" + "---|" * len(stages)]
     for task, init, row in zip(r["tasks"], r["initial_accuracy"], r["accuracy"]):

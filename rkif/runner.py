@@ -109,8 +109,9 @@ def learn_stage(j: int, stage: list[Task], backbone: Backbone, method: Method, r
     set_seed(run.seed + j)
     train = [ex for t in stage for ex in t.split("train")]
     data = method.before_task(j, stage, train)
-    logger.info("stage %d: %s (%d training examples)", j + 1, "+".join(t.name for t in stage), len(data))
-    log = train_stage(backbone, data, method, run, j, workdir, desc=f"train {j + 1}: {'+'.join(t.name for t in stage)}")
+    names = "+".join(t.name for t in stage)
+    logger.info("stage %d: %s (%d training examples)", j + 1, names, len(data))
+    log = train_stage(backbone, data, method, run, j, workdir, desc=f"train {j + 1}: {names}", tasks=names)
     method.after_task(j, stage, train)
     return log
 
@@ -140,8 +141,11 @@ def _flat(config: dict) -> dict:
 
 
 def _normalised(flat: dict) -> dict:
-    """``_flat`` settings with the paths resolved, so ``data/``, ``data`` and ``/abs/data`` compare equal."""
+    """``_flat`` settings with the paths resolved, so ``data/``, ``data`` and ``/abs/data`` compare equal
+    (and so do the files of ``user_modules``)."""
     flat = dict(flat, data=os.path.realpath(os.path.expanduser(str(flat["data"]))))
+    flat["user_modules"] = [os.path.realpath(os.path.expanduser(m)) if os.path.isfile(os.path.expanduser(m)) else m
+                            for m in flat.get("user_modules") or []]
     model = os.path.expanduser(str(flat["backbone.model"]))
     if os.path.exists(model):
         flat["backbone.model"] = os.path.realpath(model)

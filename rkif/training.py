@@ -152,14 +152,15 @@ def _length_grouping(on: bool) -> dict:
 
 
 def train_stage(backbone: Backbone, data: list[Example], method: Method, run: RunConfig,
-                stage: int, workdir: str, desc: str | None = None) -> dict:
+                stage: int, workdir: str, desc: str | None = None, tasks: str | None = None) -> dict:
     """Train one stage with a fresh optimizer and schedule (as every reference code does); the terminal
-    shows one progress bar (``desc``), the Trainer's logs go to ``workdir/log.jsonl`` (``rkif.console``)."""
+    shows one progress bar (``desc``), the Trainer's logs go to ``workdir/log.jsonl`` (``rkif.console``),
+    each record with the stage's 0-based index and ``tasks`` (its task names joined by ``+``)."""
     trainer = ContinualTrainer(model=backbone, args=training_arguments(run, stage, workdir),
                                train_dataset=data, data_collator=backbone.collate, method=method)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(ConsoleCallback(desc or f"train stage {stage + 1}"))
+    trainer.add_callback(ConsoleCallback(desc or f"train stage {stage + 1}", stage, tasks))
     result = trainer.train()
     return {"steps": result.global_step, "train_loss": result.training_loss,
             "train_seconds": result.metrics.get("train_runtime")}

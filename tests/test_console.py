@@ -2,6 +2,7 @@
 
 import json
 import logging
+from types import SimpleNamespace
 
 from rkif import console
 from rkif.cli import main
@@ -28,3 +29,17 @@ def test_verbose_prints_the_log_dicts(tiny_data, tmp_path, capsys):
     assert '"loss"' in "".join(capsys.readouterr())
     assert console.TRAINER_LOG.isEnabledFor(logging.INFO)
     console.show_trainer_logs(False)
+
+
+def test_every_log_record_names_its_stage_and_tasks(tmp_path):
+    """``step`` restarts with every stage: each record carries the stage's 0-based index and its tasks."""
+    state = SimpleNamespace(max_steps=4, global_step=0, is_local_process_zero=False, is_world_process_zero=True)
+    for index, tasks in ((0, "alpha"), (1, "beta+gamma")):
+        callback = console.ConsoleCallback(f"train {index + 1}: {tasks}", index, tasks)
+        callback.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+        state.global_step = 2
+        callback.on_log(None, state, None, logs={"loss": 0.5})
+        callback.on_train_end(None, state, None)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records == [{"stage_index": 0, "tasks": "alpha", "step": 2, "loss": 0.5},
+                       {"stage_index": 1, "tasks": "beta+gamma", "step": 2, "loss": 0.5}]

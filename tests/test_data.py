@@ -254,6 +254,7 @@ def test_missing_split_file(tmp_path):
     with pytest.raises(DataError, match="no test split") as err:
         load_task(tmp_path, "x")
     assert "'x'" in str(err.value)
+    assert str(err.value).endswith(f"{tmp_path / 'long_sequence' / 'test' / 'x'}.json or x.jsonl")   # both names
 
 
 def test_unknown_task_is_listed(tmp_path):

@@ -100,6 +100,36 @@ def test_a_read_only_output_is_refused_before_the_model_loads(tiny_data, tmp_pat
     _one_line_without_traceback(caplog, f"--output {tmp_path / 'ro'}", "Permission denied", "choose another --output")
 
 
+@pytest.mark.parametrize("model, family", [("/nonexistent.gguf", "auto"), ("no-such-org/no-such-model", "encoder")])
+def test_a_model_that_does_not_load_leaves_no_empty_output_folder(tiny_data, tmp_path, caplog, monkeypatch, model,
+                                                                  family):
+    if family == "encoder":      # a hub name neither cached nor reachable: the loader's error, without the network
+        def unreachable(config, *args, **kwargs):
+            raise OSError(f"--model {config.model}: cannot load it (not in the cache, no network)")
+        monkeypatch.setattr(runner, "build_backbone", unreachable)
+    output = tmp_path / "runs" / "new"                           # neither folder exists yet
+    code = main(["run", "--model", model, "--family", family, "--data", str(tiny_data), "--tasks", "alpha",
+                 "--output", str(output)])
+    assert code == 2
+    _one_line_without_traceback(caplog, f"--model {model}")
+    assert not (tmp_path / "runs").exists()                      # both were made by this run: both removed
+
+
+@pytest.mark.parametrize("earlier", [None, "notes.txt", "other-run/results.json"])
+def test_a_failed_model_load_keeps_a_folder_that_existed(tiny_data, tmp_path, caplog, earlier):
+    output = tmp_path / "kept"
+    output.mkdir()
+    if earlier:
+        (output / earlier).parent.mkdir(parents=True, exist_ok=True)
+        (output / earlier).write_text("earlier results")
+    code = main(["run", "--model", "/nonexistent.gguf", "--data", str(tiny_data), "--tasks", "alpha",
+                 "--output", str(output)])
+    assert code == 2
+    assert output.is_dir() and [p.name for p in output.iterdir()] == ([earlier.split("/")[0]] if earlier else [])
+    if earlier:
+        assert (output / earlier).read_text() == "earlier results"
+
+
 def test_debug_shows_the_traceback(tmp_path, caplog, monkeypatch):
     missing = str(tmp_path / "nonexistent")
     assert main(["run", "--model", missing, "--output", str(tmp_path / "out"), "--debug"]) == 2
@@ -245,6 +275,20 @@ def _write_run(folder: Path, results: dict) -> Path:
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
     return folder
+
+
+def test_a_run_given_tasks_shows_them_where_an_order_would_be(tmp_path):
+    """A ``--tasks`` run has no order: the terminal's header, table.md and report.html name its tasks."""
+    from rkif.html_report import _run_summary
+    from rkif.report import matrix_table
+
+    custom = _results(tasks=("alpha", "beta"), finished=2, order=None)
+    assert matrix_table(custom).splitlines()[0] == "### seqlora (minilm, tasks alpha,beta, accuracy %)"
+    assert "order 1," in matrix_table(_results())
+    table = report([_write_run(tmp_path / "custom", custom), _write_run(tmp_path / "o1", _results())], tmp_path / "r")
+    assert "| custom | seqlora | tasks alpha,beta |" in table and "| o1 | seqlora | 1 |" in table
+    assert "tasks alpha,beta" in _run_summary(custom) and "None" not in _run_summary(custom)
+    assert "order 1" in _run_summary(_results())
 
 
 def test_report_names_runs_by_folder_and_copes_with_half_finished_and_partial_scope_runs(tmp_path):

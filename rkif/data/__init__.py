@@ -6,12 +6,12 @@ objects; a task names the metric it is scored with (``Task.metric``, see ``rkif.
 
 Layout of a data root (the Long Sequence benchmark's, also accepted for a user's own tasks)::
 
-    ROOT/long_sequence/{train,dev,test}/<task>.json     # or ROOT/{train,dev,test}/<task>.json(l)
-    ROOT/orders.json                                   # optional: {"1": ["dbpedia", ...], ...}
+    ROOT/{train,dev,test}/<task>.json    # or <task>.jsonl; under ROOT/long_sequence/ if that folder exists
+    ROOT/orders.json                     # optional (needed for --order only): {"1": ["dbpedia", ...], ...}
 
 A split file is a JSON list (``.json``) or one object per line (``.jsonl``) of
-``{"instruction"?: str, "input": str, "output": str}``. The label set of a task is the set of
-``output`` values in its train split.
+``{"instruction"?: str, "input": str, "output": str}``; other keys are ignored (``id`` names a record in
+errors). The label set of a task is the set of ``output`` values in its train split.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _split_file(root: Path, split: str, task: str) -> Path:
     if len(found) > 1:
         raise DataError(f"task {task!r}: both {found[0]} and {found[1]} exist; keep one of them")
     if not found:
-        raise DataError(f"task {task!r}: no {split} split at {base / task}.json(l)")
+        raise DataError(f"task {task!r}: no {split} split: expected {base / task}.json or {task}.jsonl")
     return found[0]
 
 

@@ -1,10 +1,18 @@
 """Method registry: name -> class, plus named presets (a method with fixed options).
 
-Registration refuses a duplicate name; lookup of an unknown name lists the known ones.
+Registration refuses a duplicate name; lookup of an unknown name lists the known ones. A user's own
+methods register from their own file or module, imported by ``import_user_modules`` (``--user-module``).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rkif.methods.base import Method
@@ -38,9 +46,51 @@ def resolve(name: str, options: dict[str, Any] | None = None) -> tuple[type[Meth
         options = {**preset, **options}
         name = base
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS) + sorted(PRESETS)}")
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS) + sorted(PRESETS)} "
+                         "(a method of your own: --user-module FILE.py)")
     return METHODS[name], options
 
 
 def available() -> list[str]:
     return sorted(METHODS) + sorted(PRESETS)
+
+
+_USER_FILES: dict[Path, ModuleType] = {}     # resolved path -> module: a file is imported once per process
+
+
+def import_user_module(spec: str) -> ModuleType:
+    """Import a user's module of methods, once per process: a ``.py`` file (any path with ``/`` or ending in
+    ``.py``) or a dotted module name importable here. Its ``@register`` lines add its methods. A missing
+    file or module is one line naming it; an error inside the module is the module's own."""
+    if not (spec.endswith(".py") or "/" in spec or os.sep in spec):
+        try:
+            return importlib.import_module(spec)
+        except ImportError as err:
+            raise ImportError(f"--user-module {spec}: {err}; give a .py file or a module importable here "
+                              "(installed, or on PYTHONPATH)") from err
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--user-module {spec}: no such file" if not path.exists() else
+                                f"--user-module {spec}: not a file; give a .py file or a dotted module name")
+    key = path.resolve()
+    if key in _USER_FILES:
+        return _USER_FILES[key]
+    name = "rkif_user_" + re.sub(r"\W", "_", path.stem)
+    while name in sys.modules:            # another file of the same name: a name of its own
+        name += "_"
+    module_spec = importlib.util.spec_from_file_location(name, key)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module            # dataclasses and type hints look the module up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _USER_FILES[key] = module
+    return module
+
+
+def import_user_modules(specs: list[str]) -> None:
+    """``import_user_module`` each of ``specs`` (a run's ``user_modules``), in order."""
+    for spec in specs:
+        import_user_module(spec)

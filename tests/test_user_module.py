@@ -1,0 +1,154 @@
+"""A method of your own, outside the package: ``--user-module FILE.py`` (or a dotted module) on ``rkif run``,
+``bench`` and ``methods``, recorded in results.json so a resume imports it again; ``examples/my_method.py``
+end to end."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from rkif import runner
+from rkif.bench import grid_runs, load_grid
+from rkif.cli import main
+from rkif.config import RunConfig
+from rkif.methods import METHODS, PRESETS, registry
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "my_method.py"
+
+
+@pytest.fixture(autouse=True)
+def forget_user_modules():
+    """Each test starts and ends with the package's own methods only (as a fresh process)."""
+    state = dict(METHODS), dict(PRESETS), dict(registry._USER_FILES), set(sys.modules)
+
+    def forget():
+        for saved, now in zip(state[:3], (METHODS, PRESETS, registry._USER_FILES)):
+            now.clear()
+            now.update(saved)
+        for name in set(sys.modules) - state[3]:
+            del sys.modules[name]
+
+    forget()
+    yield forget
+    forget()
+
+
+def _one_error(caplog) -> str:
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+    assert "\n" not in errors[0].getMessage()
+    return errors[0].getMessage()
+
+
+def test_the_example_method_runs_end_to_end_through_the_cli_and_resumes(tiny_data, tmp_path, forget_user_modules,
+                                                                         monkeypatch):
+    out = tmp_path / "mine"
+    code = main(["run", "--user-module", str(EXAMPLE), "--method", "replay-l2", "-O", "l2_weight=0.5",
+                 "--data", str(tiny_data), "--tasks", "alpha,beta", "--train-size", "all", "--test-size", "all",
+                 "--max-steps", "4", "--batch-size", "4", "--max-length", "32", "--output", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["method"] == "replay-l2"
+    assert results["config"]["user_modules"] == [str(EXAMPLE)]
+    assert results["method_config"] == {"l2_weight": 0.5}
+    records = [json.loads(line) for line in (out / "trainer" / "log.jsonl").read_text().splitlines()]
+    pulls = {(r["stage_index"], r["tasks"]): r["l2_pull"] for r in records if "l2_pull" in r}
+    assert set(pulls) == {(0, "alpha"), (1, "beta")}             # its extra_loss ran in both stages
+    assert all(p > 0 for p in pulls.values())                    # the weights left their start: a real pull
+
+    forget_user_modules()                                        # as a new process: replay-l2 unknown
+    assert "replay-l2" not in METHODS
+    again = runner.run_experiment(RunConfig.from_dict({**results["config"], "resume": True}))
+    assert again["complete"] and "replay-l2" in METHODS          # imported again from the recorded config
+
+    monkeypatch.chdir(REPO)                                      # the same file by a relative path: the same run
+    assert main(["run", "--user-module", "examples/my_method.py", "--method", "replay-l2", "-O", "l2_weight=0.5",
+                 "--data", str(tiny_data), "--tasks", "alpha,beta", "--train-size", "all", "--test-size", "all",
+                 "--max-steps", "4", "--batch-size", "4", "--max-length", "32", "--output", str(out),
+                 "--resume"]) == 0
+
+
+def test_the_example_refuses_a_bad_option_naming_it(tmp_path, caplog):
+    code = main(["run", "--user-module", str(EXAMPLE), "--method", "replay-l2", "-O", "l2_weight=-1",
+                 "--tasks", "alpha", "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "replay-l2 option l2_weight=-1.0: expected a number >= 0" in _one_error(caplog)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, words", [("{tmp}/nope.py", "no such file"),
+                                         ("{tmp}", "not a file"),
+                                         ("no_such_package.methods", "No module named 'no_such_package'")])
+def test_a_missing_user_module_is_one_line_naming_it_before_the_output_folder(tiny_data, tmp_path, caplog, spec,
+                                                                                words):
+    spec = spec.format(tmp=tmp_path)
+    code = main(["run", "--user-module", spec, "--method", "replay-l2", "--data", str(tiny_data), "--tasks", "alpha",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    message = _one_error(caplog)
+    assert message.startswith(f"--user-module {spec}: ") and words in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dotted_module_adds_its_method_to_rkif_methods(tmp_path, monkeypatch, capsys):
+    package = tmp_path / "my_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "frozen.py").write_text(
+        '"""Frozen: trains nothing new (a test method)."""\n'
+        "from rkif.methods import Method, register\n\n\n"
+        "@register\nclass Frozen(Method):\n    name = 'frozen-test'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["methods", "--user-module", "my_methods.frozen"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("frozen-test")]
+    assert len(listed) == 1 and "Frozen: trains nothing new" in listed[0]
+
+
+def test_an_unknown_method_points_to_user_module(tmp_path, caplog):
+    assert main(["run", "--method", "replay-l2", "--tasks", "alpha", "--output", str(tmp_path / "out")]) == 2
+    assert "unknown method 'replay-l2'" in _one_error(caplog) and "--user-module" in caplog.text
+
+
+GRID = """
+name = "mine"
+orders = [1]
+methods = ["replay-l2"]
+{modules}
+[method_options.replay-l2]
+l2_weight = 0.3
+"""
+
+
+def test_a_grid_imports_its_user_modules_and_records_them_in_each_run(tmp_path, forget_user_modules):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.format(modules=f"user_modules = [{json.dumps(str(EXAMPLE))}]"))
+    runs = grid_runs(load_grid(path), tmp_path / "out")
+    assert [r.user_modules for r in runs] == [[str(EXAMPLE)]]
+    assert runs[0].method_config()[1].l2_weight == 0.3
+
+    forget_user_modules()                                    # the option instead of the key (rkif bench --user-module)
+    path.write_text(GRID.format(modules=""))
+    with pytest.raises(ValueError, match="unknown method 'replay-l2'"):
+        load_grid(path)
+    assert [r.user_modules for r in grid_runs(load_grid(path, [str(EXAMPLE)]), tmp_path / "out")] == [[str(EXAMPLE)]]
+    forget_user_modules()
+    assert main(["bench", str(path), "--report", "--out", str(tmp_path / "out"), "--user-module", str(EXAMPLE)]) == 0
+    assert json.loads((tmp_path / "out" / "grid.json").read_text())["user_modules"] == [str(EXAMPLE)]
+
+    path.write_text(GRID.format(modules='user_modules = ["nope.py"]'))
+    with pytest.raises(ValueError, match=rf"{path}: --user-module nope.py: no such file"):
+        load_grid(path)
+
+
+def test_a_resume_refuses_another_user_module(tmp_path):
+    """The recorded modules are settings of the run: resuming with others is refused (a file compared resolved)."""
+    registry.import_user_module(str(EXAMPLE))
+    saved = {"config": RunConfig(method="replay-l2", user_modules=[str(EXAMPLE)]).to_dict()}
+    other = tmp_path / "other.py"
+    other.write_text("")
+    run = RunConfig(method="replay-l2", user_modules=[str(EXAMPLE), str(other)])
+    with pytest.raises(ValueError, match=r"cannot resume, settings differ .*user_modules"):
+        runner._check_resumable(run, saved, tmp_path / "results.json")
