@@ -53,6 +53,7 @@ from rkif import io
 from rkif.backbones import BackboneConfig
 from rkif.checks import check_types
 from rkif.config import BENCHMARK_ORDERS, RunConfig
+from rkif.console import progress_options
 from rkif.data import BENCHMARK_DEFAULTS, read_task, resolve_task_names
 from rkif.methods import available, import_user_modules
 from rkif.report import grid_report
@@ -303,7 +304,7 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     done = sum(is_finished(r) for r in runs)
     logger.info("grid %s: %d runs, %d finished, %d to run", grid["name"], len(runs), done, len(todo))
     failed = []
-    for run in tqdm(todo, desc=f"grid {grid['name']}", unit="run"):
+    for run in tqdm(todo, desc=f"grid {grid['name']}", unit="run", **progress_options()):
         with claim(run.output_dir) as mine:
             if not mine or is_finished(run):     # another process holds it, or finished it meanwhile
                 logger.info("run %s: %s", run.output, "finished" if mine else "locked by another process, left")

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import fields
+from importlib import metadata
 from pathlib import Path
 
 from rkif import console, io
@@ -57,45 +58,75 @@ def add_user_module_argument(p: argparse.ArgumentParser) -> None:
                    help=USER_MODULE_HELP)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless there is none to show (None: unset or the model's own;
+    a flag's False; no values) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default, text = action.default, action.help or ""
+        switch = isinstance(action, argparse.BooleanOptionalAction)        # --x / --no-x: either may be the default
+        unset = default is None or default == [] or default is False and not switch
+        return action.help if unset or "default" in text else super()._get_help_string(action)
+
+
+def version() -> str:
+    """The installed package's version (the source tree's where rkif runs uninstalled)."""
+    try:
+        return metadata.version("rkif")
+    except metadata.PackageNotFoundError:
+        import rkif
+
+        return rkif.__version__
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     d, b = RunConfig(), BackboneConfig()
     p.add_argument("--method", default=d.method, help="method or preset name (see `rkif methods`)")
     add_user_module_argument(p)
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. -O inner_steps=4 (repeatable)")
+                   help="a method option, e.g. -O inner_steps=4 (repeatable; `rkif methods` lists them)")
     p.add_argument("--model", default=b.model,
-                   help="'minilm' (offline default), 'smollm2' (offline generative LM), a .gguf file, a local path "
+                   help="'minilm' (offline encoder), 'smollm2' (offline generative LM), a .gguf file, a local path "
                         "or a hub name")
     p.add_argument("--family", default="auto", choices=["auto", *sorted(FAMILIES)],
-                   help="model family (default: inferred from the model)")
+                   help="model family; auto: inferred from the model")
     p.add_argument("--data", default=None, help=f"data root (default: $RKIF_DATA or {default_data_root()}); "
                    "for superni, your copy's folder of task folders (<task>/{train,dev,test}.json)")
     p.add_argument("--benchmark", default=d.benchmark, choices=list(BENCHMARKS),
                    help="standard / long (classification, exact match) or superni (generation, ROUGE-L)")
     p.add_argument("--order", type=int, default=d.order, help="task order: 1-3 standard, 4-6 long, 1-2 superni")
     p.add_argument("--tasks", default=None, help="explicit comma-separated task list (overrides the order)")
-    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--epochs", type=float, default=d.epochs, help="training epochs per task")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (overrides --epochs)")
-    p.add_argument("--train-size", type=size, default=d.train_size, help="examples per task ('all' for every one)")
-    p.add_argument("--test-size", type=size, default=d.test_size, help="test examples per task ('all' for every one)")
-    p.add_argument("--eval-split", default=d.eval_split, choices=["test", "dev"])
+    p.add_argument("--train-size", type=size, default=d.train_size,
+                   help="training examples per task, a class-stratified sample ('all' for every one)")
+    p.add_argument("--test-size", type=size, default=d.test_size,
+                   help="examples per task of --eval-split scored, a class-stratified sample ('all' for every one)")
+    p.add_argument("--eval-split", default=d.eval_split, choices=["test", "dev"],
+                   help="split scored after each task; in the shipped benchmark dev overlaps test, so never tune "
+                        "on it (hold out part of train instead, as benchmarks/heldout_select.py does)")
     p.add_argument("--eval-scope", default=d.eval_scope, choices=["all", "seen+next"],
                    help="tasks evaluated after each task: all (full heatmap) or the seen ones and the next "
                         "(same OP/BWT/FWT; 134 of 225 evaluations on 15 tasks)")
-    p.add_argument("--memory-fraction", type=float, default=d.memory_fraction)
-    p.add_argument("--max-length", type=int, default=b.max_length)
-    p.add_argument("--max-target-length", type=int, default=b.max_target_length)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--eval-batch-size", type=int, default=b.eval_batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--lora-r", type=int, default=b.lora_r)
-    p.add_argument("--lora-alpha", type=int, default=b.lora_alpha)
-    p.add_argument("--lora-dropout", type=float, default=b.lora_dropout)
+    p.add_argument("--memory-fraction", type=float, default=d.memory_fraction,
+                   help="replay memory kept of each finished task, as a fraction of its training examples "
+                        "(rkif, replay, vrmcl; sapt generates as many pseudo-samples)")
+    p.add_argument("--max-length", type=int, default=b.max_length, help="prompt tokens kept (longer are cut)")
+    p.add_argument("--max-target-length", type=int, default=b.max_target_length,
+                   help="answer tokens trained and generated (causal and seq2seq models)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training examples per device and step")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="batches per optimizer step")
+    p.add_argument("--eval-batch-size", type=int, default=b.eval_batch_size, help="examples per evaluation batch")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate (linear schedule, restarted for each task)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="optimizer steps of linear learning-rate warm-up at the start of each task")
+    p.add_argument("--lora-r", type=int, default=b.lora_r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=b.lora_alpha, help="LoRA scaling numerator (scale alpha/r)")
+    p.add_argument("--lora-dropout", type=float, default=b.lora_dropout, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: q,v of the family)")
     p.add_argument("--answer-space", default=b.answer_space, choices=["all", "task"],
-                   help="encoder: score over all labels of the run (default) or the task's own")
+                   help="encoder: score over all labels of the run, or only the task's own")
     p.add_argument("--prompt-format", default=b.prompt_format, choices=["raw", "chat"],
                    help="causal: instruction+input as is (raw) or inside the tokenizer's chat template")
     p.add_argument("--answer-mode", default=b.answer_mode, choices=["generate", "rank"],
@@ -105,9 +136,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=d.group_by_length,
                    help="training batches of similar length")
     p.add_argument("--report-to", default=d.report_to, help="Trainer integration, e.g. tensorboard")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--output", default=DEFAULT_OUTPUT)
-    p.add_argument("--resume", action="store_true", help="continue after the last finished task")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data sample, the adapter and the training")
+    p.add_argument("--output", default=DEFAULT_OUTPUT, help="folder of results.json, checkpoints, table and plots")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output after its last finished task; options not given here are "
+                        "the saved run's, those given must match it")
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -128,8 +161,49 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         report_to=a.report_to)
 
 
+class _NoDefaults(argparse.ArgumentParser):
+    """A parser whose namespace holds only the options given: every default suppressed."""
+
+    def __init__(self) -> None:
+        super().__init__(add_help=False, argument_default=argparse.SUPPRESS)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        kwargs.pop("default", None)
+        return super().add_argument(*args, **kwargs)
+
+
+def given_settings(argv: list[str]) -> set[str]:
+    """The settings (RunConfig and BackboneConfig field names) that ``rkif run``'s arguments ``argv`` give
+    explicitly (one given at its default counts)."""
+    p = _NoDefaults()
+    add_run_arguments(p)
+    given, _ = p.parse_known_args(argv)           # --debug, --verbose: not settings
+    return {"method_options" if dest == "option" else dest for dest in vars(given)}
+
+
+def resumed(config: RunConfig, given: set[str]) -> RunConfig:
+    """``config`` with every setting not in ``given`` taken from the run saved in its output folder, so
+    ``--resume`` needs only ``--output``; unchanged without ``resume`` or a saved run. Given settings stay,
+    and the runner refuses those that differ from the saved ones. Given ``-O`` options add to the saved ones."""
+    from rkif.runner import RESULTS
+
+    path = config.output_dir / RESULTS
+    if not config.resume or not path.is_file():
+        return config
+    saved = io.read_results(path)["config"]
+    saved = {**{k: v for k, v in saved.items() if k != "backbone"}, **saved.get("backbone", {})}
+    known = {f.name for f in fields(RunConfig)} | {f.name for f in fields(BackboneConfig)}
+    settings = {k: v for k, v in saved.items() if k in known and k not in given | {"output", "resume"}}
+    if "method" in given and config.method != saved.get("method"):
+        settings.pop("method_options", None)      # another method's options: the runner names the method change
+    elif "method_options" in given:
+        settings["method_options"] = {**saved.get("method_options", {}), **config.method_options}
+    return config.with_settings(**settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rkif", description="Continual learning of language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
@@ -140,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = "; ".join(f"--{kind} {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                          for kind, table in (("model", MODEL_DEFAULTS), ("benchmark", BENCHMARK_DEFAULTS))
                          for m, d in table.items())
-    run_p = sub.add_parser("run", parents=[common], help="run one continual-learning experiment (default command)",
+    run_p = sub.add_parser("run", parents=[common], help="run one continual-learning experiment",
+                           formatter_class=HelpFormatter,
                            epilog=f"Defaults a model or benchmark implies (explicit options win, then the "
                                   f"benchmark's): {profiles}")
     add_run_arguments(run_p)
@@ -170,23 +245,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` (``run`` is the default command); ``--model NAME`` with MODEL_DEFAULTS and
-    ``--benchmark NAME`` with BENCHMARK_DEFAULTS set their defaults (the benchmark's win over the model's)."""
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    """Parse ``argv`` (options without a command are ``run``'s; no argument at all is no command);
+    ``--model NAME`` with MODEL_DEFAULTS and ``--benchmark NAME`` with BENCHMARK_DEFAULTS set their defaults
+    (the benchmark's win over the model's)."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["run", *argv]
-    if argv[0] == "run":
+    if argv and argv[0] == "run":
         run_p = parser.get_default("run_parser")
-        known, _ = run_p.parse_known_args(argv[1:])
+        known, _ = run_p.parse_known_args([a for a in argv[1:] if a not in ("-h", "--help")])  # help: these defaults
         run_p.set_defaults(**MODEL_DEFAULTS.get(known.model, {}))
         run_p.set_defaults(**BENCHMARK_DEFAULTS.get(known.benchmark, {}))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        args.given = given_settings(argv[1:])     # what --resume keeps; the rest comes from the saved run
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(parser, argv)
+    if args.command is None:       # a bare `rkif`: what it can do, and a failure for a script that forgot the command
+        parser.print_help(sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    console.log_once()
     log = logging.getLogger("rkif")
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     verbose = getattr(args, "verbose", False)
@@ -229,7 +312,7 @@ def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
 def _command(args: argparse.Namespace) -> int:
     """Run the parsed command; errors propagate to ``main``."""
     if args.command == "run":
-        return _run(config_from_args(args))
+        return _run(resumed(config_from_args(args), args.given))
     if args.command == "bench":
         from rkif.bench import bench
         only = args.methods.split(",") if args.methods else None
@@ -294,11 +377,12 @@ def run(**settings) -> dict:
     """``rkif run`` from Python, e.g. ``rkif.run(method="rkif", order=2, method_options={"inner_steps": 4})``.
 
     The settings and their defaults are the command's (``settings_config``). Like the command, it
-    refuses an output folder another process is writing, resumes with ``resume=True``, writes
+    refuses an output folder another process is writing, resumes with ``resume=True`` (the settings not
+    given taken from the saved run), writes
     results.json, the checkpoints, the table and the plots into the output folder, and returns the
     results (what results.json holds).
     """
-    return run_and_report(settings_config(**settings))
+    return run_and_report(resumed(settings_config(**settings), set(settings)))
 
 
 def run_and_report(config: RunConfig) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,21 @@ from transformers import TrainerCallback
 
 TRAINER_LOG = logging.getLogger("rkif.trainer_log")      # INFO: the Trainer's log dicts in the terminal too
 TRAINER_LOG.setLevel(logging.WARNING)
+# seconds between redraws of a progress bar written to a file or a pipe (nohup, Slurm) rather than a terminal
+LOG_FILE_REDRAW_S = 60
+
+
+def progress_options(stream=None) -> dict:
+    """tqdm's keyword arguments for every rkif progress bar (``stream``: where it draws; stderr by default).
+
+    On a terminal tqdm's own. In a file or a pipe every redraw stays (its carriage return erases nothing), so
+    at most one a minute: a long job's progress still shows in its log, which stays small, and the final bar
+    is drawn once (by ``close``) rather than by the last update and again by ``close``.
+    """
+    stream = sys.stderr if stream is None else stream
+    if getattr(stream, "isatty", lambda: False)():
+        return {}
+    return {"mininterval": LOG_FILE_REDRAW_S, "maxinterval": LOG_FILE_REDRAW_S}
 
 
 def show_trainer_logs(on: bool) -> None:
@@ -35,6 +51,23 @@ def quiet_dependencies() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|torch)(\.|$)")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def log_once() -> None:
+    """Send the log records of huggingface_hub and transformers to the root logger's handler (the CLI's) only.
+
+    huggingface_hub adds a stderr handler of its own and also propagates (transformers too, under ``CI=1``),
+    so beside the CLI's handler each of its lines (e.g. the hub's retries) printed twice.
+    """
+    import transformers
+
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub.removeHandler(handler)
+    hub.propagate = True
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
 
 
 class ConsoleCallback(TrainerCallback):
@@ -54,7 +87,7 @@ class ConsoleCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.log_path = Path(args.output_dir) / "log.jsonl"
         self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True,
-                        disable=not state.is_local_process_zero)
+                        disable=not state.is_local_process_zero, **progress_options())
 
     def on_step_end(self, args, state, control, **kw):
         if self.bar is not None:

@@ -1,11 +1,18 @@
 """The terminal shows progress bars and one line per task; the Trainer's log dicts go to log.jsonl."""
 
+import io
+import itertools
 import json
 import logging
+import sys
 from types import SimpleNamespace
+
+import pytest
+import tqdm
 
 from rkif import console
 from rkif.cli import main
+from tests.conftest import ToyBackbone, toy_examples
 
 
 def _run(tiny_data, out, *extra, tasks="alpha,beta", method=("rkif", "-O", "inner_steps=2", "-O", "outer_steps=1")):
@@ -43,3 +50,53 @@ def test_every_log_record_names_its_stage_and_tasks(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert records == [{"stage_index": 0, "tasks": "alpha", "step": 2, "loss": 0.5},
                        {"stage_index": 1, "tasks": "beta+gamma", "step": 2, "loss": 0.5}]
+
+
+# -- progress bars in a log file (nohup, Slurm): rare redraws, one final bar -----------------------------------------
+
+class _Log(io.StringIO):
+    """A file stderr is redirected to, or a terminal."""
+
+    def __init__(self, tty: bool = False):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.fixture
+def slow_clock(monkeypatch):
+    """tqdm's clock advances a second per reading (its monitor thread off), so every update is 'late'."""
+    ticks = itertools.count()
+    monkeypatch.setattr(tqdm.std, "time", lambda: float(next(ticks)))
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)
+
+
+def test_progress_options_are_tqdms_own_on_a_terminal():
+    assert console.progress_options(_Log(tty=True)) == {}
+    assert console.progress_options(_Log())["mininterval"] == console.LOG_FILE_REDRAW_S
+
+
+def test_a_training_bar_in_a_log_file_redraws_rarely_and_ends_once(slow_clock, monkeypatch, tmp_path):
+    log = _Log()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = console.ConsoleCallback("train 1: alpha")
+    state = SimpleNamespace(max_steps=20, global_step=0, is_local_process_zero=True)
+    bar.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    for step in range(1, 21):
+        state.global_step = step
+        bar.on_step_end(None, state, None)
+    bar.on_train_end(None, state, None)
+    drawn = log.getvalue()
+    assert drawn.count("\r") <= 3 and drawn.count("20/20") == 1, drawn       # tqdm's default: a redraw per step
+
+
+def test_an_evaluation_bar_in_a_log_file_redraws_rarely(slow_clock, monkeypatch):
+    log = _Log()
+    monkeypatch.setattr(sys, "stderr", log)
+    backbone = ToyBackbone()
+    backbone.config.eval_batch_size = 1
+    answers = backbone.predict(toy_examples("alpha", 40, 0), desc="eval alpha")
+    assert len(answers) == 40
+    assert 1 <= log.getvalue().count("eval alpha") <= 3, log.getvalue()

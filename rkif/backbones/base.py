@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from rkif.backbones.sources import family_from_name, infer_family, position_limit
 from rkif.checks import AT_LEAST_ONE, NOT_EMPTY, POSITIVE, Rule, check_choice, check_rules, check_types, fail, flag
+from rkif.console import progress_options
 from rkif.data import Example, Task
 from rkif.sharding import as_forward, full
 
@@ -290,7 +291,7 @@ class Backbone(nn.Module):
         as_forward(self, "predict_batch")      # sharded (FSDP2): predict_batch gathers the parameters as forward does
         try:
             with self.prediction_context():
-                for start in tqdm(range(0, len(order), bs), desc=desc, leave=False):
+                for start in tqdm(range(0, len(order), bs), desc=desc, leave=False, **progress_options()):
                     batch = order[start:start + bs]
                     for i, answer in zip(batch, self.predict_batch([examples[i] for i in batch])):
                         out[i] = answer

@@ -101,6 +101,22 @@ def check_local_model(name: str) -> None:
                                 "minilm, smollm2 or a hub name")
 
 
+def not_found(name: str, err: BaseException) -> OSError | None:
+    """The one-line error for a hub name neither in the local cache nor downloadable (offline, or no such
+    repository) when that is what ``err``, a ``from_pretrained`` failure, comes from; None otherwise."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, RepositoryNotFoundError)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    why = "offline: HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "offline?"
+    return OSError(f"model {name!r} not found locally and not downloadable from the hub ({why}); "
+                   "--model takes a model folder, a .gguf file, minilm, smollm2 or a hub name")
+
+
 @contextmanager
 def loading(name: str) -> Iterator[None]:
     """Turn a ``from_pretrained`` failure inside the block (no weights or tokenizer files in a folder, a hub
@@ -108,6 +124,8 @@ def loading(name: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as err:
+        if missing := not_found(name, err):
+            raise missing from err
         reason = " ".join(str(err).split()) or type(err).__name__
         raise OSError(f"--model {name}: cannot load it ({reason}); give a model folder with its tokenizer and "
                       "weights, a .gguf file, minilm, smollm2 or a hub name cached here") from err
@@ -147,6 +165,8 @@ def infer_family(name: str) -> str:
 
             cfg = AutoConfig.from_pretrained(name).to_dict()
         except (OSError, ValueError) as err:
+            if missing := not_found(name, err):
+                raise missing from err
             raise ValueError(f"--model {name}: cannot read its config to tell its family "
                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                              "pass --family encoder|seq2seq|causal") from err
