@@ -9,7 +9,7 @@ import shlex
 import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -185,13 +185,13 @@ def resumed(config: RunConfig, given: set[str]) -> RunConfig:
     """``config`` with every setting not in ``given`` taken from the run saved in its output folder, so
     ``--resume`` needs only ``--output``; unchanged without ``resume`` or a saved run. Given settings stay,
     and the runner refuses those that differ from the saved ones. Given ``-O`` options add to the saved ones."""
-    from rkif.runner import RESULTS
+    from rkif.runner import RESULTS, with_defaults
 
     path = config.output_dir / RESULTS
     if not config.resume or not path.is_file():
         return config
-    saved = io.read_results(path)["config"]
-    saved = {**{k: v for k, v in saved.items() if k != "backbone"}, **saved.get("backbone", {})}
+    saved = with_defaults(io.read_results(path)["config"])      # a setting newer than the run: its default then
+    saved = {**{k: v for k, v in saved.items() if k != "backbone"}, **saved["backbone"]}
     known = {f.name for f in fields(RunConfig)} | {f.name for f in fields(BackboneConfig)}
     settings = {k: v for k, v in saved.items() if k in known and k not in given | {"output", "resume"}}
     if "method" in given and config.method != saved.get("method"):
@@ -343,7 +343,8 @@ def methods_listing(user_modules: Sequence[str] = ()) -> str:
     for name, cls in sorted(METHODS.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip()
         lines.append(f"{name:<{width}}{doc.splitlines()[0] if doc else ''}")
-        options = " ".join(f"{f.name}={f.default}" for f in fields(cls.config_class))
+        options = " ".join(f"{f.name}={f.default_factory() if f.default is MISSING else f.default}"
+                           for f in fields(cls.config_class))
         if options:
             lines.append(textwrap.fill(options, 100, initial_indent=" " * width + "-O ",
                                        subsequent_indent=" " * (width + 3), break_on_hyphens=False))

@@ -28,14 +28,19 @@ LOG_FILE_REDRAW_S = 60
 def progress_options(stream=None) -> dict:
     """tqdm's keyword arguments for every rkif progress bar (``stream``: where it draws; stderr by default).
 
-    On a terminal tqdm's own. In a file or a pipe every redraw stays (its carriage return erases nothing), so
-    at most one a minute: a long job's progress still shows in its log, which stays small, and the final bar
-    is drawn once (by ``close``) rather than by the last update and again by ``close``.
+    On a terminal, or as a Jupyter widget, tqdm's own. In a file or a pipe every redraw stays (its carriage
+    return erases nothing), so at most one a minute: a long job's progress still shows in its log, which stays
+    small, and the final bar is drawn once (by ``close``) rather than by the last update and again by ``close``.
     """
     stream = sys.stderr if stream is None else stream
-    if getattr(stream, "isatty", lambda: False)():
+    if getattr(stream, "isatty", lambda: False)() or _notebook():
         return {}
     return {"mininterval": LOG_FILE_REDRAW_S, "maxinterval": LOG_FILE_REDRAW_S}
+
+
+def _notebook() -> bool:
+    """Whether tqdm.auto draws Jupyter widgets here (live, though stderr is no terminal there)."""
+    return any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
 
 
 def show_trainer_logs(on: bool) -> None:

@@ -159,7 +159,8 @@ def removed_if_failed_empty(path: Path) -> Iterator[None]:
     created = []
     folder = Path(path).absolute()
     while not os.path.lexists(folder) and folder != folder.parent:
-        created.append(folder)
+        if ".." not in folder.parts:      # new/../kept names kept once new exists: kept may be older
+            created.append(folder)
         folder = folder.parent
     try:
         yield

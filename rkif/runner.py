@@ -152,6 +152,14 @@ def _normalised(flat: dict) -> dict:
     return json.loads(json.dumps(flat))
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved run's config (``RunConfig.to_dict``) with the settings it lacks at their defaults: a setting
+    added to RunConfig after the run started was, in effect, at its default then (the rule for a new setting:
+    its default must reproduce the old behaviour)."""
+    defaults = RunConfig().to_dict()
+    return {**defaults, **saved, "backbone": {**defaults["backbone"], **saved.get("backbone", {})}}
+
+
 def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
     """Refuse to resume a run under other settings than it started with, listing each as ``saved -> now``.
 
@@ -161,11 +169,7 @@ def _check_resumable(run: RunConfig, previous: dict, path: Path) -> None:
     changed = _changed_behaviour(previous["config"])
     if changed and not previous.get("complete"):
         raise ValueError(f"{path}: cannot resume: {changed}; start it again with another --output")
-    # a setting added to RunConfig after the run started was, in effect, at its default then
-    # (the rule for a new setting: its default must reproduce the old behaviour)
-    defaults = RunConfig().to_dict()
-    saved = {**defaults, **previous["config"]}
-    saved["backbone"] = {**defaults["backbone"], **previous["config"].get("backbone", {})}
+    saved = with_defaults(previous["config"])
     before, now = _flat(saved), _flat(run.to_dict())
     differ = [k for k, v in _normalised(now).items() if v != _normalised(before).get(k)]
     diff = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in sorted(differ)]

@@ -173,3 +173,25 @@ def test_dependency_log_lines_print_once(tmp_path):
     assert lines[0].endswith("huggingface_hub.utils._http: Retrying in 1s [Retry 1/5].")
     assert lines[1].endswith("transformers.modeling_utils: a transformers warning")
     assert lines[2].endswith("rkif: no model")
+
+
+def test_resume_of_an_older_results_file_takes_the_defaults_of_its_time(tmp_path):
+    """A setting missing from an older rkif's results.json was at RunConfig's default then (the runner's rule for
+    a new setting), not at the defaults the --model given now implies: `make run-smollm2` passes --model smollm2
+    with --resume, and its eval_scope / eval_batch_size (smollm2: seen+next, 16) must not be refused as changed."""
+    from rkif.config import RunConfig
+
+    out = tmp_path / "old"
+    config = cli.settings_config(model="smollm2", method="seqlora", output=str(out)).to_dict()
+    del config["eval_scope"], config["backbone"]["eval_batch_size"]            # not recorded by the older rkif
+    results = {"method": "seqlora", "model": "smollm2", "order": 1, "tasks": [], "stages": [], "accuracy": [],
+               "initial_accuracy": [], "op": None, "bwt": None, "fwt": None, "finished_stages": 0,
+               "complete": False, "config": config}
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(results))
+
+    args = cli.parse_args(cli.build_parser(), ["run", "--model", "smollm2", "--output", str(out), "--resume"])
+    resumed = cli.resumed(cli.config_from_args(args), args.given)
+    assert (resumed.eval_scope, resumed.backbone.eval_batch_size) == (RunConfig.eval_scope, 64)
+    assert resumed.lr == config["lr"] and resumed.backbone.max_length == config["backbone"]["max_length"]
+    runner._check_resumable(resumed, results, out / "results.json")             # the runner agrees: no refusal

@@ -100,3 +100,14 @@ def test_an_evaluation_bar_in_a_log_file_redraws_rarely(slow_clock, monkeypatch)
     answers = backbone.predict(toy_examples("alpha", 40, 0), desc="eval alpha")
     assert len(answers) == 40
     assert 1 <= log.getvalue().count("eval alpha") <= 3, log.getvalue()
+
+
+def test_progress_bars_in_a_notebook_update_as_usual(monkeypatch):
+    """In Jupyter stderr is no terminal, but tqdm.auto draws a live widget there: no once-a-minute redraws."""
+    import tqdm.notebook
+
+    class NotebookBar(tqdm.notebook.tqdm):
+        pass
+
+    monkeypatch.setattr(console, "tqdm", NotebookBar)
+    assert console.progress_options(_Log()) == {}

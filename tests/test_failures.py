@@ -338,3 +338,15 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     io.write_json(tmp_path / "r.json", {"a": 1})
     (tmp_path / "plain").write_text("x")
     assert os.stat(tmp_path / "r.json").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
+
+
+def test_a_failed_run_keeps_an_empty_folder_it_did_not_make_behind_dot_dot(tmp_path):
+    """``--output new/../kept``: ``kept`` existed (empty) before the run, only ``new`` is the run's."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    output = tmp_path / "new" / ".." / "kept"
+    with pytest.raises(OSError, match="no model"), io.removed_if_failed_empty(output):
+        io.check_output_dir(output)                  # creates new/ on the way, as a run does
+        raise OSError("no model")
+    assert kept.is_dir()
+    assert not (tmp_path / "new").exists()

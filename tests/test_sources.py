@@ -112,3 +112,25 @@ def test_model_defaults_route_to_run_and_backbone_settings():
     assert run.lr == 1e-3 and run.backbone.max_length == 128 and run.backbone.prompt_format == "raw"
     with pytest.raises(ValueError, match="unknown setting"):
         RunConfig().with_settings(learning_rate=1.0)
+
+
+def _hub_error(cls, message: str) -> Exception:
+    """A huggingface_hub HTTP error without an HTTP response (their constructor reads one)."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    return err
+
+
+def test_a_gated_model_is_not_called_missing():
+    """GatedRepoError subclasses RepositoryNotFoundError: a gated model exists, and the user must log in; the
+    loader's own reason stays in the message rather than 'not found ... offline?'."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    def loaded(cause: Exception) -> str:
+        with pytest.raises(OSError) as err, sources.loading("org/model"):
+            raise OSError("the loader's own words") from cause
+        return str(err.value)
+
+    assert "not found locally" in loaded(_hub_error(RepositoryNotFoundError, "404"))
+    gated = loaded(_hub_error(GatedRepoError, "401: access to model org/model is restricted"))
+    assert "not found" not in gated and "the loader's own words" in gated

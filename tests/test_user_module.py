@@ -152,3 +152,46 @@ def test_a_resume_refuses_another_user_module(tmp_path):
     run = RunConfig(method="replay-l2", user_modules=[str(EXAMPLE), str(other)])
     with pytest.raises(ValueError, match=r"cannot resume, settings differ .*user_modules"):
         runner._check_resumable(run, saved, tmp_path / "results.json")
+
+
+def test_a_file_already_imported_under_its_own_name_is_not_imported_again(tmp_path, monkeypatch):
+    """``import mine`` in a script, then ``rkif.run(user_modules=["mine.py"])`` (so results.json names it), or the
+    same file as a dotted module and as a path: its methods are registered once, not refused as duplicates."""
+    (tmp_path / "mine.py").write_text("from rkif.methods import Method, register\n\n\n"
+                                      "@register\nclass Mine(Method):\n    name = 'mine-test'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mine
+
+    assert registry.import_user_module(str(tmp_path / "mine.py")) is mine
+    assert registry.import_user_module("mine") is mine
+    assert METHODS["mine-test"] is mine.Mine
+
+    (tmp_path / "other.py").write_text(
+        "from rkif.methods import Method, register\n\n\n@register\nclass Other(Method):\n    name = 'other-test'\n")
+    by_path = registry.import_user_module(str(tmp_path / "other.py"))
+    assert registry.import_user_module("other") is by_path and METHODS["other-test"] is by_path.Other
+
+
+def test_a_module_that_failed_to_import_can_be_imported_once_fixed(tmp_path):
+    """A file that fails half-way (after an @register) leaves no registration behind: fixed, it imports (a
+    notebook, a script that retries) rather than being refused as a duplicate of its own method."""
+    path = tmp_path / "half.py"
+    body = "from rkif.methods import Method, register\n\n\n@register\nclass Half(Method):\n    name = 'half-test'\n"
+    path.write_text(body + "\nraise RuntimeError('a bug further down')\n")
+    with pytest.raises(RuntimeError, match="a bug further down"):
+        registry.import_user_module(str(path))
+    assert "half-test" not in METHODS
+    path.write_text(body)
+    assert registry.import_user_module(str(path)).Half is METHODS["half-test"]
+
+
+def test_rkif_methods_shows_a_default_made_by_a_factory(tmp_path, capsys):
+    (tmp_path / "listed.py").write_text(
+        "from dataclasses import dataclass, field\n"
+        "from rkif.methods import Method, MethodConfig, register\n\n\n"
+        "@dataclass\nclass ListedConfig(MethodConfig):\n"
+        "    layers: list = field(default_factory=lambda: [0, 1])\n    weight: float = 0.5\n\n\n"
+        "@register\nclass Listed(Method):\n    name = 'listed-test'\n    config_class = ListedConfig\n")
+    assert main(["methods", "--user-module", str(tmp_path / "listed.py")]) == 0
+    out = capsys.readouterr().out
+    assert "-O layers=[0, 1] weight=0.5" in out and "MISSING" not in out

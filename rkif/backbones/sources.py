@@ -105,12 +105,12 @@ def not_found(name: str, err: BaseException) -> OSError | None:
     """The one-line error for a hub name neither in the local cache nor downloadable (offline, or no such
     repository) when that is what ``err``, a ``from_pretrained`` failure, comes from; None otherwise."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cause: BaseException | None = err
     while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, RepositoryNotFoundError)):
         cause = cause.__cause__ or cause.__context__
-    if cause is None:
+    if cause is None or isinstance(cause, GatedRepoError):     # gated: it exists, the loader's reason says why
         return None
     why = "offline: HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "offline?"
     return OSError(f"model {name!r} not found locally and not downloadable from the hub ({why}); "

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -58,13 +60,52 @@ def available() -> list[str]:
 _USER_FILES: dict[Path, ModuleType] = {}     # resolved path -> module: a file is imported once per process
 
 
+@contextmanager
+def _registering() -> Iterator[None]:
+    """Run an import; if it fails, drop the methods and presets it registered before failing, so the
+    module, fixed, imports again in the same process (rather than being refused as its own duplicate)."""
+    methods, presets = set(METHODS), set(PRESETS)
+    try:
+        yield
+    except BaseException:
+        for name in set(METHODS) - methods:
+            del METHODS[name]
+        for name in set(PRESETS) - presets:
+            del PRESETS[name]
+        raise
+
+
+def _imported_file(path: Path) -> ModuleType | None:
+    """The module already imported from the file ``path`` (resolved) under any name: by ``--user-module``,
+    or as a dotted module (``import mine`` in the user's own script), whose methods are registered."""
+    if path in _USER_FILES:
+        return _USER_FILES[path]
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and os.path.basename(file) == path.name and Path(file).resolve() == path:
+            return module
+    return None
+
+
+def _import_dotted(spec: str) -> ModuleType:
+    """``importlib.import_module(spec)``, reusing the module if its file was imported as a path before."""
+    if spec not in sys.modules:
+        found = importlib.util.find_spec(spec)
+        origin = found.origin if found is not None else None
+        if origin and os.path.isfile(origin) and Path(origin).resolve() in _USER_FILES:
+            sys.modules[spec] = _USER_FILES[Path(origin).resolve()]
+    with _registering():
+        return importlib.import_module(spec)
+
+
 def import_user_module(spec: str) -> ModuleType:
     """Import a user's module of methods, once per process: a ``.py`` file (any path with ``/`` or ending in
-    ``.py``) or a dotted module name importable here. Its ``@register`` lines add its methods. A missing
+    ``.py``) or a dotted module name importable here. Its ``@register`` lines add its methods; a file already
+    imported under another name (a dotted one, or a path before) is that module, not imported again. A missing
     file or module is one line naming it; an error inside the module is the module's own."""
     if not (spec.endswith(".py") or "/" in spec or os.sep in spec):
         try:
-            return importlib.import_module(spec)
+            return _import_dotted(spec)
         except ImportError as err:
             raise ImportError(f"--user-module {spec}: {err}; give a .py file or a module importable here "
                               "(installed, or on PYTHONPATH)") from err
@@ -73,8 +114,10 @@ def import_user_module(spec: str) -> ModuleType:
         raise FileNotFoundError(f"--user-module {spec}: no such file" if not path.exists() else
                                 f"--user-module {spec}: not a file; give a .py file or a dotted module name")
     key = path.resolve()
-    if key in _USER_FILES:
-        return _USER_FILES[key]
+    module = _imported_file(key)
+    if module is not None:
+        _USER_FILES[key] = module
+        return module
     name = "rkif_user_" + re.sub(r"\W", "_", path.stem)
     while name in sys.modules:            # another file of the same name: a name of its own
         name += "_"
@@ -82,7 +125,8 @@ def import_user_module(spec: str) -> ModuleType:
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module            # dataclasses and type hints look the module up by name
     try:
-        module_spec.loader.exec_module(module)
+        with _registering():
+            module_spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
