@@ -195,3 +195,12 @@ def test_resume_of_an_older_results_file_takes_the_defaults_of_its_time(tmp_path
     assert (resumed.eval_scope, resumed.backbone.eval_batch_size) == (RunConfig.eval_scope, 64)
     assert resumed.lr == config["lr"] and resumed.backbone.max_length == config["backbone"]["max_length"]
     runner._check_resumable(resumed, results, out / "results.json")             # the runner agrees: no refusal
+
+
+def test_resume_without_a_saved_run_says_it_starts_a_new_one(tiny_data, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(runner, "train_stage", lambda *a, **k: {"steps": 0, "train_loss": 0.0})
+    out = tmp_path / "typo"
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["run", "--data", str(tiny_data), "--tasks", "alpha", "--train-size", "all", "--test-size",
+                         "all", "--max-length", "32", "--output", str(out), "--resume"]) == 0
+    assert any("--resume: no" in r.getMessage() and "starts a new run" in r.getMessage() for r in caplog.records)
