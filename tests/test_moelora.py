@@ -126,3 +126,13 @@ def test_refuses_the_encoder_family_before_loading_a_model():
     run = RunConfig(method="moelora", backbone=BackboneConfig(model="minilm", family="encoder"), tasks=["a"])
     with pytest.raises(ValueError, match="moelora cannot run on the encoder family"):
         runner.build_learner(run, [])
+
+
+def test_scale_rows_repeats_a_prompts_weight_over_its_rows_and_refuses_a_mismatch():
+    from rkif.methods.base import scale_rows
+
+    out = torch.ones(4, 2, 3)
+    scaled = scale_rows(out, torch.tensor([2.0, 3.0]), "m")          # 2 prompts, 2 rows each (rank mode)
+    assert scaled[:, 0, 0].tolist() == [2.0, 2.0, 3.0, 3.0]
+    with pytest.raises(RuntimeError, match="m: batch of 4 rows for 3 prompts"):
+        scale_rows(out, torch.ones(3), "m")

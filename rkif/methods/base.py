@@ -138,6 +138,17 @@ def require_family(method: str, family: str, allowed: tuple[str, ...] = GENERATI
                          f"{' or '.join(allowed)} backbone")
 
 
+def scale_rows(out: torch.Tensor, weights: torch.Tensor, method: str) -> torch.Tensor:
+    """``out`` [R, ...] times one weight per sequence, ``weights`` [B] (an adapter's gate): R is B, or a multiple
+    of it where rank mode and sampling repeat each prompt's rows (prompt b's rows are next to each other)."""
+    rows, sequences = out.shape[0], weights.shape[0]
+    if rows != sequences:
+        if rows % sequences:
+            raise RuntimeError(f"{method}: batch of {rows} rows for {sequences} prompts")
+        weights = weights.repeat_interleave(rows // sequences)
+    return out * weights.view(-1, *[1] * (out.dim() - 1)).to(out.dtype)
+
+
 def task_count(run: RunConfig) -> int:
     """K, the number of tasks of the run (its explicit list, or its benchmark order)."""
     return len(run.tasks) if run.tasks else len(resolve_task_names(Path(run.data), run.benchmark, run.order))

@@ -48,7 +48,7 @@ from torch import nn
 from rkif.backbones.base import masked_mean
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE_INT, Rule
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig, require_family, task_count
+from rkif.methods.base import Method, MethodConfig, require_family, scale_rows, task_count
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -129,15 +129,10 @@ class MoELoRA(Method):
         self.gates.clear()
 
     def _route(self, layer: LoraLayer, args) -> None:
-        """Pre-hook of a LoRA layer: its gate for the batch (a rank-mode pass repeats each prompt's rows)."""
+        """Pre-hook of a LoRA layer: its gate for each prompt of the batch [B, E]."""
         if self.query is None:
             raise RuntimeError(f"{self.name}: a LoRA layer ran before the input hook saw a prompt")
-        rows, query = args[0].shape[0], self.query
-        if rows != query.shape[0]:
-            if rows % query.shape[0]:
-                raise RuntimeError(f"{self.name}: batch of {rows} rows for {query.shape[0]} prompts")
-            query = query.repeat_interleave(rows // query.shape[0], dim=0)
-        gates = gate_weights(layer.moe_router, query)
+        gates = gate_weights(layer.moe_router, self.query)
         self.gates[layer] = gates
         if layer.training and torch.is_grad_enabled():
             batch_mean = gates.detach().float().mean(0).cpu()
@@ -145,9 +140,8 @@ class MoELoRA(Method):
             self._gate_count += 1
 
     def _gate(self, layer: LoraLayer, expert: int, module, args, out: torch.Tensor) -> torch.Tensor:
-        """Forward hook of expert e's ``lora_B``: its output times g_e(x)."""
-        g = self.gates[layer][:, expert]
-        return out * g.view(-1, *[1] * (out.dim() - 1)).to(out.dtype)
+        """Forward hook of expert e's ``lora_B``: its output times g_e(x) (rank mode repeats a prompt's rows)."""
+        return scale_rows(out, self.gates[layer][:, expert], self.name)
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, trainer) -> None:

@@ -83,7 +83,7 @@ from torch import nn
 
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Rule
 from rkif.data import Example, Task
-from rkif.methods.base import MethodConfig, require_family, require_one_process, task_count
+from rkif.methods.base import MethodConfig, require_family, require_one_process, scale_rows, task_count
 from rkif.methods.inclora import BASE_ADAPTER, IncLoRA
 from rkif.methods.registry import register
 
@@ -301,12 +301,7 @@ class SAPT(IncLoRA):
             return None if name == self._generator else torch.zeros_like(out)
         if self.weights is None:
             raise RuntimeError(f"{self.name}: a LoRA layer ran before the input hook saw a prompt")
-        w = self.weights[:, self.adapters.index(name)]
-        if out.shape[0] != w.shape[0]:                 # rank mode and sampling repeat each prompt's rows
-            if out.shape[0] % w.shape[0]:
-                raise RuntimeError(f"{self.name}: batch of {out.shape[0]} rows for {w.shape[0]} prompts")
-            w = w.repeat_interleave(out.shape[0] // w.shape[0])
-        return out * w.view(-1, *[1] * (out.dim() - 1)).to(out.dtype)
+        return scale_rows(out, self.weights[:, self.adapters.index(name)], self.name)
 
     @contextmanager
     def generating(self, name: str) -> Iterator[None]:
