@@ -197,8 +197,11 @@ class Backbone(nn.Module):
         """A batch for the LM loss of plain-text ``targets`` (then EOS, at most ``max_target_tokens``) given
         plain-text ``sources`` (no instruction layout, no chat template), in the family's ``forward`` layout,
         on the CPU. Generative families only."""
-        raise ValueError(f"the {self.family or type(self).__name__} family cannot generate text "
-                         "(generative replay needs a causal or seq2seq backbone)")
+        raise self._no_free_text()
+
+    def _no_free_text(self) -> ValueError:
+        return ValueError(f"the {self.family or type(self).__name__} family cannot generate text "
+                          "(generative replay needs a causal or seq2seq backbone)")
 
     @torch.no_grad()
     def sample_text(self, sources: list[str], max_new_tokens: int, num_return_sequences: int = 1,
@@ -223,8 +226,7 @@ class Backbone(nn.Module):
 
     def sample_batch(self, sources: list[str], max_new_tokens: int, num_return_sequences: int,
                      sampling: dict) -> list[str]:
-        raise ValueError(f"the {self.family or type(self).__name__} family cannot generate text "
-                         "(generative replay needs a causal or seq2seq backbone)")
+        raise self._no_free_text()
 
     def prompt_text(self, ex: Example) -> str:
         """An example's prompt as the model reads it (cut to ``max_length`` as the family cuts it), as text."""
