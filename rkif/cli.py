@@ -13,8 +13,8 @@ from dataclasses import MISSING, fields
 from importlib import metadata
 from pathlib import Path
 
-from rkif import console, io
-from rkif.backbones import FAMILIES, BackboneConfig
+from rkif import console
+from rkif.backbones import FAMILY_NAMES, BackboneConfig
 from rkif.backbones.sources import MODEL_DEFAULTS
 from rkif.config import RunConfig
 from rkif.data import BENCHMARK_DEFAULTS, BENCHMARKS, DataError, default_data_root
@@ -88,7 +88,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=b.model,
                    help="'minilm' (offline encoder), 'smollm2' (offline generative LM), a .gguf file, a local path "
                         "or a hub name")
-    p.add_argument("--family", default="auto", choices=["auto", *sorted(FAMILIES)],
+    p.add_argument("--family", default="auto", choices=["auto", *sorted(FAMILY_NAMES)],
                    help="model family; auto: inferred from the model")
     p.add_argument("--data", default=None, help=f"data root (default: $RKIF_DATA or {default_data_root()}); "
                    "for superni, your copy's folder of task folders (<task>/{train,dev,test}.json)")
@@ -185,6 +185,7 @@ def resumed(config: RunConfig, given: set[str]) -> RunConfig:
     """``config`` with every setting not in ``given`` taken from the run saved in its output folder, so
     ``--resume`` needs only ``--output``; unchanged without ``resume`` or a saved run. Given settings stay,
     and the runner refuses those that differ from the saved ones. Given ``-O`` options add to the saved ones."""
+    from rkif import io
     from rkif.runner import RESULTS, with_defaults
 
     path = config.output_dir / RESULTS
@@ -388,6 +389,7 @@ def run(**settings) -> dict:
 
 def run_and_report(config: RunConfig) -> dict:
     """Run (or resume) ``config`` as ``rkif run`` does, write its table and plots, return its results."""
+    from rkif import io
     from rkif.bench import claim
     from rkif.report import report
     from rkif.runner import is_main_process, prepare, run_experiment

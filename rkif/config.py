@@ -25,7 +25,6 @@ from rkif.checks import (
 )
 from rkif.data import LONG_ORDERS, SPLITS, STANDARD_ORDERS, default_data_root
 from rkif.data.superni import ORDERS as SUPERNI_ORDERS
-from rkif.precision import resolve_precision
 
 if TYPE_CHECKING:
     from rkif.methods import Method, MethodConfig
@@ -115,6 +114,8 @@ class RunConfig:
         """Refuse a setting of the wrong type, out of its range or inconsistent with another, in one line that
         names it (as the command line spells it), its value and what is allowed. Reads no data and loads no
         model: the backbone and the method's config check their own fields (the latter against this run)."""
+        from rkif.precision import resolve_precision  # torch: imported here, so `rkif --help` starts without it
+
         check_types(RunConfig, vars(self), flag, skip={"backbone"})
         if not isinstance(self.backbone, BackboneConfig):
             raise fail("backbone ", self.backbone, "expected a BackboneConfig")

@@ -10,14 +10,11 @@ dependencies, their loading bars).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 TRAINER_LOG = logging.getLogger("rkif.trainer_log")      # INFO: the Trainer's log dicts in the terminal too
 TRAINER_LOG.setLevel(logging.WARNING)
@@ -73,48 +70,3 @@ def log_once() -> None:
     hub.propagate = True
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
-
-
-class ConsoleCallback(TrainerCallback):
-    """A progress bar over the stage's optimizer steps and the Trainer's logs written to ``log.jsonl``.
-
-    Each record is ``{"stage_index", "tasks", "step", **logs}``: ``step`` restarts with every stage, so
-    ``stage_index`` (0-based, as ``checkpoints/stage_<j>`` and results.json's ``stage_log``; the terminal's
-    ``train <j + 1>``) and ``tasks`` (the stage's task names joined by ``+``) tell the stages apart.
-    """
-
-    def __init__(self, desc: str, stage_index: int = 0, tasks: str | None = None):
-        self.desc = desc
-        self.stage = {"stage_index": stage_index, "tasks": tasks}
-        self.bar: tqdm | None = None
-        self.postfix: dict[str, str] = {}
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.log_path = Path(args.output_dir) / "log.jsonl"
-        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True,
-                        disable=not state.is_local_process_zero, **progress_options())
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero or not logs:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as fh:
-            fh.write(json.dumps({**self.stage, "step": state.global_step, **logs}) + "\n")
-        if "loss" in logs:
-            self.postfix["loss"] = f"{float(logs['loss']):.3f}"
-        for key, value in logs.items():
-            if key.endswith("/round"):
-                self.postfix[key.rsplit("/", 1)[0] + " round"] = str(value)
-        if self.bar is not None:
-            self.bar.set_postfix(self.postfix, refresh=False)
-            if TRAINER_LOG.isEnabledFor(logging.INFO):
-                self.bar.write(json.dumps(logs))       # through tqdm, so the bar is redrawn below it
-
-    def on_train_end(self, args, state, control, **kw):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

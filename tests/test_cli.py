@@ -1,4 +1,4 @@
-"""The command line a new user meets: a bare ``rkif`` and ``--version``, ``rkif run --help``, ``--resume`` with
+"""The command line a new user meets: a bare ``rkif`` and ``--version`` (at once), ``rkif run --help``, ``--resume`` with
 only ``--output``, a model name that is nowhere, and dependency log lines printed once."""
 
 import argparse
@@ -37,6 +37,20 @@ def test_version_is_the_package_version(capsys):
         cli.main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"rkif {metadata.version('rkif')}"
+
+
+HEAVY = ("torch", "transformers", "peft", "accelerate", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["run", "--help"], ["bench", "--help"]])
+def test_help_and_version_import_no_heavy_dependency(argv):
+    """``rkif --help`` answers at once: the parser is built from torch-free modules, so the help, the version
+    and an argument error load none of torch, transformers, peft, accelerate or matplotlib."""
+    script = ("import sys\nfrom rkif.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = _rkif(*argv, script=script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 # -- rkif run --help -----------------------------------------------------------------------------------------------

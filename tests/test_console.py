@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import tqdm
 
-from rkif import console
+from rkif import console, training
 from rkif.cli import main
 from tests.conftest import ToyBackbone, toy_examples
 
@@ -42,7 +42,7 @@ def test_every_log_record_names_its_stage_and_tasks(tmp_path):
     """``step`` restarts with every stage: each record carries the stage's 0-based index and its tasks."""
     state = SimpleNamespace(max_steps=4, global_step=0, is_local_process_zero=False, is_world_process_zero=True)
     for index, tasks in ((0, "alpha"), (1, "beta+gamma")):
-        callback = console.ConsoleCallback(f"train {index + 1}: {tasks}", index, tasks)
+        callback = training.ConsoleCallback(f"train {index + 1}: {tasks}", index, tasks)
         callback.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), state, None)
         state.global_step = 2
         callback.on_log(None, state, None, logs={"loss": 0.5})
@@ -81,7 +81,7 @@ def test_progress_options_are_tqdms_own_on_a_terminal():
 def test_a_training_bar_in_a_log_file_redraws_rarely_and_ends_once(slow_clock, monkeypatch, tmp_path):
     log = _Log()
     monkeypatch.setattr(sys, "stderr", log)
-    bar = console.ConsoleCallback("train 1: alpha")
+    bar = training.ConsoleCallback("train 1: alpha")
     state = SimpleNamespace(max_steps=20, global_step=0, is_local_process_zero=True)
     bar.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), state, None)
     for step in range(1, 21):

@@ -1,28 +1,54 @@
-"""Model families behind one protocol (see ``base.Backbone``)."""
+"""Model families behind one protocol (see ``base.Backbone``).
 
-from rkif.backbones.base import Backbone, BackboneConfig
-from rkif.backbones.causal import CausalBackbone
-from rkif.backbones.encoder import EncoderBackbone, minilm_path
-from rkif.backbones.seq2seq import Seq2SeqBackbone
-from rkif.backbones.sources import family_from_name, resolve_model
+``BackboneConfig`` and ``FAMILY_NAMES`` need no torch; the families (``families()``, ``build_backbone``)
+load torch, transformers and peft on first use, so ``rkif --help`` starts without them.
+"""
 
-FAMILIES: dict[str, type[Backbone]] = {
-    "encoder": EncoderBackbone,
-    "seq2seq": Seq2SeqBackbone,
-    "causal": CausalBackbone,
-}
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from rkif.backbones.config import FAMILY_NAMES, BackboneConfig
+
+if TYPE_CHECKING:
+    from rkif.backbones.base import Backbone
+
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {"Backbone": "rkif.backbones.base", "CausalBackbone": "rkif.backbones.causal",
+         "EncoderBackbone": "rkif.backbones.encoder", "minilm_path": "rkif.backbones.encoder",
+         "Seq2SeqBackbone": "rkif.backbones.seq2seq"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def families() -> dict[str, type[Backbone]]:
+    """``{family name: Backbone class}``, in the order of ``FAMILY_NAMES``."""
+    from rkif.backbones.causal import CausalBackbone
+    from rkif.backbones.encoder import EncoderBackbone
+    from rkif.backbones.seq2seq import Seq2SeqBackbone
+
+    found = {"encoder": EncoderBackbone, "seq2seq": Seq2SeqBackbone, "causal": CausalBackbone}
+    assert tuple(found) == FAMILY_NAMES
+    return found
 
 
 def build_backbone(cfg: BackboneConfig, peft_config=None) -> Backbone:
     """Load the configured model family with its adapter (the paper's LoRA unless ``peft_config``)."""
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"unknown --family {cfg.family!r}: choose from {sorted(FAMILIES)}")
+    from rkif.backbones.sources import family_from_name, resolve_model
+
+    if cfg.family not in FAMILY_NAMES:
+        raise ValueError(f"unknown --family {cfg.family!r}: choose from {sorted(FAMILY_NAMES)}")
     fixed = family_from_name(cfg.model)
     if fixed and cfg.family != fixed:
         raise ValueError(f"--model {cfg.model}: its family is {fixed}; use --family {fixed} (or auto)")
     if cfg.model != "minilm":
         resolve_model(cfg.model)        # a missing file or folder, a missing GGUF reader: named before loading
-    return FAMILIES[cfg.family](cfg, peft_config=peft_config)
+    return families()[cfg.family](cfg, peft_config=peft_config)
 
 
-__all__ = ["Backbone", "BackboneConfig", "FAMILIES", "build_backbone", "minilm_path"]
+__all__ = ["Backbone", "BackboneConfig", "FAMILY_NAMES", "build_backbone", "families", "minilm_path"]

@@ -32,15 +32,8 @@ import inspect
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from rkif.backbones.base import (
-    ANSWER_MODES,
-    PROMPT_FORMATS,
-    Backbone,
-    BackboneConfig,
-    InputHook,
-    call_input_hook,
-    prepend,
-)
+from rkif.backbones.base import Backbone, BackboneConfig, InputHook, call_input_hook, prepend
+from rkif.backbones.config import ANSWER_MODES, PROMPT_FORMATS
 from rkif.backbones.sources import loading, resolve_model
 from rkif.data import Example, Task
 
