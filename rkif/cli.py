@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1); errors are one line otherwise")
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1); errors are one line otherwise, "
+                             "except those raised by a --user-module's own code")
     common.add_argument("--verbose", action="store_true",
                         help="also print the Trainer's log dicts and the dependencies' warnings (always in "
                              "<output>/trainer/log.jsonl and --report-to)")
@@ -283,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("interrupted; %s", _how_to_continue(args, argv))
         return 130
     except USER_ERRORS as err:
-        if debug:
+        # the traceback with --debug, or of an error from a --user-module's own code (its author needs the line)
+        registry = sys.modules.get("rkif.methods.registry")      # imported before any --user-module
+        if debug or (registry is not None and registry.raised_in_user_module(err)):
             log.exception("%s", _one_line(err))
         else:
             log.error("%s", _one_line(err))

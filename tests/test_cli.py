@@ -1,5 +1,5 @@
-"""The command line a new user meets: a bare ``rkif`` and ``--version`` (at once), ``rkif run --help``, ``--resume`` with
-only ``--output``, a model name that is nowhere, and dependency log lines printed once."""
+"""The command line a new user meets: a bare ``rkif`` and ``--version`` (at once), ``rkif run --help``,
+``--resume`` with only ``--output``, a model name that is nowhere, and dependency log lines printed once."""
 
 import argparse
 import json

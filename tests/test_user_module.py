@@ -5,6 +5,7 @@ end to end."""
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -22,13 +23,13 @@ EXAMPLE = REPO / "examples" / "my_method.py"
 @pytest.fixture(autouse=True)
 def forget_user_modules():
     """Each test starts and ends with the package's own methods only (as a fresh process)."""
-    state = dict(METHODS), dict(PRESETS), dict(registry._USER_FILES), set(sys.modules)
+    state = dict(METHODS), dict(PRESETS), dict(registry._USER_FILES), set(registry._USER_NAMES), set(sys.modules)
 
     def forget():
-        for saved, now in zip(state[:3], (METHODS, PRESETS, registry._USER_FILES)):
+        for saved, now in zip(state[:4], (METHODS, PRESETS, registry._USER_FILES, registry._USER_NAMES)):
             now.clear()
             now.update(saved)
-        for name in set(sys.modules) - state[3]:
+        for name in set(sys.modules) - state[4]:
             del sys.modules[name]
 
     forget()
@@ -77,6 +78,46 @@ def test_the_example_refuses_a_bad_option_naming_it(tmp_path, caplog):
     assert code == 2
     assert "replay-l2 option l2_weight=-1.0: expected a number >= 0" in _one_error(caplog)
     assert not (tmp_path / "out").exists()
+
+
+BUGGY = """
+from dataclasses import dataclass
+from typing import ClassVar
+
+from rkif.methods import MethodConfig, register
+from rkif.methods.replay import Replay
+
+
+@dataclass
+class BuggyConfig(MethodConfig):
+    method: ClassVar[str] = "buggy"
+
+    def check(self) -> None:
+        super().check()
+        {{}}["{key}"]                     # the author's bug: a KeyError in the user's own code
+
+
+@register
+class Buggy(Replay):
+    name = "buggy"
+    config_class = BuggyConfig
+"""
+
+
+def test_an_error_from_a_user_modules_own_code_shows_its_traceback(tmp_path, caplog):
+    """rkif's own checks stay one line; a bug in the user's code (here a KeyError, which rkif's checks also
+    raise) shows the traceback down to the user's line, which its author needs."""
+    module = tmp_path / "buggy_methods.py"
+    module.write_text(BUGGY.format(key="missing_setting"))
+    code = main(["run", "--user-module", str(module), "--method", "buggy", "--tasks", "alpha",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].getMessage() == "missing_setting"
+    assert errors[0].exc_info is not None
+    frames = traceback.extract_tb(errors[0].exc_info[2])
+    assert frames[-1].filename == str(module) and "missing_setting" in frames[-1].line
+    assert registry.raised_in_user_module(errors[0].exc_info[1])
 
 
 @pytest.mark.parametrize("spec, words", [("{tmp}/nope.py", "no such file"),

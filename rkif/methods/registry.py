@@ -58,6 +58,7 @@ def available() -> list[str]:
 
 
 _USER_FILES: dict[Path, ModuleType] = {}     # resolved path -> module: a file is imported once per process
+_USER_NAMES: set[str] = set()                # the module names of the user's code (a dotted one: its submodules too)
 
 
 @contextmanager
@@ -94,6 +95,7 @@ def _import_dotted(spec: str) -> ModuleType:
         origin = found.origin if found is not None else None
         if origin and os.path.isfile(origin) and Path(origin).resolve() in _USER_FILES:
             sys.modules[spec] = _USER_FILES[Path(origin).resolve()]
+    _USER_NAMES.add(spec)
     with _registering():
         return importlib.import_module(spec)
 
@@ -117,6 +119,7 @@ def import_user_module(spec: str) -> ModuleType:
     module = _imported_file(key)
     if module is not None:
         _USER_FILES[key] = module
+        _USER_NAMES.add(module.__name__)
         return module
     name = "rkif_user_" + re.sub(r"\W", "_", path.stem)
     while name in sys.modules:            # another file of the same name: a name of its own
@@ -124,6 +127,7 @@ def import_user_module(spec: str) -> ModuleType:
     module_spec = importlib.util.spec_from_file_location(name, key)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module            # dataclasses and type hints look the module up by name
+    _USER_NAMES.add(name)
     try:
         with _registering():
             module_spec.loader.exec_module(module)
@@ -132,6 +136,23 @@ def import_user_module(spec: str) -> ModuleType:
         raise
     _USER_FILES[key] = module
     return module
+
+
+def raised_in_user_module(err: BaseException) -> bool:
+    """Whether ``err`` comes from a user module's own code: of the frames it passed through that belong to rkif
+    or to a user module, the innermost is the user's (a library it called may have raised it). Then its
+    traceback is worth showing; an error raised by rkif's checks (a user's config calling ``check_ranges``)
+    is not."""
+    owner = None
+    tb = err.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if any(name == user or name.startswith(user + ".") for user in _USER_NAMES):
+            owner = "user"
+        elif name == "rkif" or name.startswith("rkif."):
+            owner = "rkif"
+        tb = tb.tb_next
+    return owner == "user"
 
 
 def import_user_modules(specs: list[str]) -> None:
