@@ -256,7 +256,7 @@ def run_experiment(run: RunConfig, tasks: list[Task] | None = None) -> dict:
         io.check_output_dir(out)           # a file or a read-only folder fails now, not after the first task
     previous = io.read_results(results_path) if results_path.exists() else None
     if run.resume and previous is None and is_main_process():
-        logger.warning("--resume: no %s yet, so this starts a new run with the settings given", results_path)
+        logger.info("--resume: no %s yet, so this starts a new run with the settings given", results_path)
     if previous:
         _check_resumable(run, previous, results_path)
         if previous.get("complete"):
