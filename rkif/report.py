@@ -226,21 +226,51 @@ def plot_tradeoff(results: list[dict], path: Path, labels: list[str] | None = No
         return False
     colours = method_colours(len(points))
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    named = []
     for colour, (label, pts) in zip(colours, points.items()):
         bwt, op = [p[0] for p in pts], [p[1] for p in pts]
         x, y = sum(bwt) / len(bwt), sum(op) / len(op)
         ax.errorbar(x, y, xerr=[[x - min(bwt)], [max(bwt) - x]], yerr=[[y - min(op)], [max(op) - y]],
                     fmt="o", color=colour, capsize=2, label=f"{label} ({len(pts)})")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        named.append((label, x, y))
     ax.margins(x=0.12, y=0.08)          # room for the names of the outermost points
     ax.set_xlabel("BWT (%)  (higher: less forgetting)")
     ax.set_ylabel("OP (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, title="runs")
-    fig.tight_layout()
+    fig.tight_layout()                  # before the names: they are placed in the final layout's pixels
+    place_names(ax, named)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+# where a point's name may go, in points from the point, in order of preference: (dx, dy, ha, va)
+NAME_OFFSETS = [(4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right", "bottom"),
+                (-4, -4, "right", "top"), (0, 7, "center", "bottom"), (0, -7, "center", "top"),
+                (8, 0, "left", "center"), (-8, 0, "right", "center"), (4, 13, "left", "bottom"),
+                (4, -13, "left", "top"), (-4, 13, "right", "bottom"), (-4, -13, "right", "top")]
+
+
+def place_names(ax, named: list[tuple[str, float, float]], fontsize: float = 7) -> list:
+    """Write each ``(name, x, y)`` beside its point, at the first of ``NAME_OFFSETS`` where it covers no name
+    written before and no other point (else the first offset): names stay legible where points crowd.
+    Returns the names' boxes in display pixels."""
+    renderer = ax.figure.canvas.get_renderer()
+    dots = [ax.transData.transform((x, y)) for _, x, y in named]
+    taken = []
+    for i, (name, x, y) in enumerate(named):
+        others = [d for j, d in enumerate(dots) if j != i]
+        for k, (dx, dy, ha, va) in enumerate(NAME_OFFSETS + [NAME_OFFSETS[0]]):
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                               ha=ha, va=va)
+            box = text.get_window_extent(renderer)
+            free = not any(box.overlaps(t) for t in taken) and not any(box.contains(*d) for d in others)
+            if free or k == len(NAME_OFFSETS):
+                break
+            text.remove()
+        taken.append(box)
+    return taken
 
 
 # captions of the plots in report.html

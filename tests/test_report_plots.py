@@ -46,3 +46,19 @@ def test_rounds_plot_marks_each_new_task(tmp_path, monkeypatch):
     rounds = [{"stage": s, **keys} for s in (1, 1, 1, 2, 2, 3)]
     assert report.plot_rounds(fake_run("rkif", rounds=rounds), tmp_path / "r.png")
     assert sorted(set(lines)) == [2.5, 4.5] and len(lines) == 4          # two boundaries, on both panels
+
+
+def test_names_of_crowded_points_do_not_cover_each_other():
+    """Five points within a point's width of each other (as rkif's presets on the MiniLM grid): each name
+    finds a place of its own, clear of the other names and of the other points."""
+    fig, ax = report.plt.subplots(figsize=(7.5, 5))
+    named = [(f"rkif-variant-{i}", 0.2 * i, 64 + 0.1 * i) for i in range(5)] + [("far", -30.0, 40.0)]
+    ax.plot([x for _, x, _ in named], [y for _, _, y in named], "o")
+    ax.set_xlim(-50, 25)
+    ax.set_ylim(35, 67)
+    boxes = report.place_names(ax, named)
+    assert len(boxes) == len(named)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    dots = [ax.transData.transform((x, y)) for _, x, y in named]
+    assert not any(box.contains(*dot) for i, box in enumerate(boxes) for j, dot in enumerate(dots) if i != j)
+    report.plt.close(fig)
