@@ -19,6 +19,7 @@ A grid is a small TOML file::
     method = "rkif"                   # a method or preset
     options = { mask_source = "random" }
     run = { epochs = 3.0 }            # optional: RunConfig fields of this variant's runs only
+    paper = "rkif"                    # optional: the row of the paper's table the variant is read against
     reference = "rkif"                # optional: the table adds paired differences to this entry
 
 Each run lives in ``<out>/runs/<name>/order<o>-seed<s>/`` (``<name>``: the method's or the
@@ -66,7 +67,7 @@ else:  # pragma: no cover
 logger = logging.getLogger(__name__)
 GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone", "method_options", "variants",
              "reference", "user_modules"}
-VARIANT_KEYS = {"method", "options", "run"}
+VARIANT_KEYS = {"method", "options", "run", "paper"}
 RESERVED_RUN_KEYS = {"method", "method_options", "backbone", "order", "seed", "benchmark", "tasks", "resume", "output",
                      "user_modules"}
 ALL_EXAMPLES = ("train_size", "test_size")       # "all" in a grid: every example (TOML has no null)
@@ -121,7 +122,7 @@ def load_grid(path: Path, user_modules: Sequence[str] = ()) -> dict:
 
 
 def _check_variants(path: Path, grid: dict) -> None:
-    """Each [variants.NAME]: a new name, a ``method``, optional ``options`` and ``run`` tables."""
+    """Each [variants.NAME]: a new name, a ``method``, optional ``options`` and ``run`` tables and ``paper``."""
     variants = grid.get("variants", {})
     if not isinstance(variants, dict):
         raise ValueError(f"{path}: [variants] must be a table")
@@ -140,6 +141,9 @@ def _check_variants(path: Path, grid: dict) -> None:
         for key in ("options", "run"):
             if not isinstance(variant.get(key, {}), dict):
                 raise ValueError(f"{where}: {key} must be a table")
+        if "paper" in variant and variant["paper"] not in available():
+            raise ValueError(f"{where}: paper = {variant['paper']!r}: expected the method or preset whose row of "
+                             "the paper's table this variant is read against")
         run = variant.get("run", {})
         bad = set(run) - run_fields
         if bad:
@@ -317,8 +321,9 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
                 logger.error("run %s failed:\n%s", run.output, traceback.format_exc())
     io.write_json(out / "grid.json", {**grid, "config_file": str(config_path)})
     finished = [r for r in runs if is_finished(r)]
+    paper_rows = {name: v["paper"] for name, v in grid.get("variants", {}).items() if "paper" in v}
     table = grid_report(out, finished, grid.get("benchmark", "standard"), [run_label(r) for r in finished],
-                        grid.get("reference"), html, grid["name"])
+                        grid.get("reference"), html, grid["name"], paper_rows)
     if len(finished) < len(runs):
         table += f"\n\n{len(finished)} of {len(runs)} runs finished; `rkif bench {config_path}` resumes the rest."
     if failed:

@@ -319,9 +319,11 @@ def report(paths: list[Path], out: Path | None = None, html: bool = False) -> st
 # (OP, BWT); None where the paper gives none. Ablations (Tables 2 and 10) are Long order 4 only.
 PAPER_TABLE1 = {
     "standard": {"seqlora": (43.7, -50.4), "inclora": (66.4, -20.0), "replay": (68.8, -11.7), "ewc": (50.3, None),
+                 "l2p": (60.7, None), "lfpt5": (72.7, None), "moelora": (54.1, None),
                  "olora": (75.8, -3.8), "tasl": (76.3, -4.0), "vrmcl": (76.0, -3.7), "migu": (76.6, None),
                  "rkif": (78.4, -2.8), "mtl": (80.3, None)},
     "long": {"seqlora": (11.6, -73.4), "inclora": (61.2, -26.7), "replay": (70.9, -15.4), "ewc": (45.1, None),
+             "l2p": (56.1, -16.3), "lfpt5": (69.2, -12.8), "moelora": (27.6, None),
              "olora": (69.6, -4.1), "tasl": (74.4, -5.3), "vrmcl": (74.8, -4.9), "migu": (76.5, None),
              "rkif": (77.8, -3.6), "mtl": (81.8, None)},
     # Appendix B.1, Table 3 (SuperNI, 15 tasks, ROUGE-L)
@@ -356,9 +358,11 @@ def just_trained(r: dict) -> float | None:
     return plasticity(r["accuracy"], [stage_of[t] for t in r["tasks"]])
 
 
-def grid_table(results: list[dict], benchmark: str) -> str:
+def grid_table(results: list[dict], benchmark: str, paper_rows: dict[str, str] | None = None) -> str:
     """Per method: mean ± sample std over orders and seeds of OP, BWT, plasticity (accuracy right after
-    training), FWT; mean training and total (training + evaluation) minutes per run; the paper's columns."""
+    training), FWT; mean training and total (training + evaluation) minutes per run; the paper's columns,
+    from the row ``paper_rows[method]`` (default: the method's own name; a grid variant has none unless given)."""
+    paper_rows = paper_rows or {}
     methods = list(dict.fromkeys(r["method"] for r in results))
     paper = PAPER_TABLE1.get(benchmark, {})
     ablation = PAPER_TABLE1["long_order4_ablations"]
@@ -367,8 +371,8 @@ def grid_table(results: list[dict], benchmark: str) -> str:
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         orders = ",".join(str(o) for o in sorted({r["order"] for r in rs}))
-        op, bwt = paper.get(m, (None, None))
-        ab = ablation.get(m)
+        op, bwt = paper.get(paper_rows.get(m, m), (None, None))
+        ab = ablation.get(paper_rows.get(m, m))
         minutes = sum(r["seconds"] for r in rs) / len(rs) / 60          # training + evaluation
         train = sum(s.get("train_seconds") or 0.0 for r in rs for s in r.get("stage_log", [])) / len(rs) / 60
         lines.append(f"| {m} | {len(rs)} ({orders}) | {_mean_std([r['op'] for r in rs])} | "
@@ -435,10 +439,12 @@ def paired_table(results: list[dict], reference: str) -> str:
 
 
 def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None = None,
-                reference: str | None = None, html: bool = False, title: str | None = None) -> str:
+                reference: str | None = None, html: bool = False, title: str | None = None,
+                paper_rows: dict[str, str] | None = None) -> str:
     """table.md, per-run heatmaps and per-order final-accuracy plots of a grid's finished runs.
 
-    ``labels``: each run's name in the grid (a variant's name; default the method's). With
+    ``labels``: each run's name in the grid (a variant's name; default the method's); ``paper_rows``: the
+    paper's row each such name is read against, where it is not the name itself (``grid_table``). With
     ``reference``, table.md adds the paired differences of every entry to that one. With ``html``,
     also report.html (``rkif.html_report``), titled ``title`` (default: the folder's name).
     """
@@ -460,7 +466,7 @@ def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None 
         plot_final_accuracy([r for r in results if r["order"] == order], figures[-1][0])
     if plot_tradeoff(results, plots / "op_vs_bwt.png"):
         figures.append((plots / "op_vs_bwt.png", TRADEOFF_CAPTION))
-    table = grid_table(results, benchmark) if results else "(no finished runs yet)"
+    table = grid_table(results, benchmark, paper_rows) if results else "(no finished runs yet)"
     if reference and results:
         table += "\n\n" + paired_table(results, reference)
     io.write_text(out / "table.md", table + "\n")

@@ -26,6 +26,7 @@ options = { mask_source = "random" }
 method = "rkif-ki"
 options = { inner_steps = 4 }
 run = { epochs = 3.0 }
+paper = "rkif-ki"
 [method_options.random]
 top_fraction = 0.3
 """
@@ -59,6 +60,7 @@ def test_a_variant_is_a_method_with_options_and_run_settings_under_its_own_name(
     ('[variants.x]\nmethod = "rkif"\nrun = { seed = 3 }\n', "may not set ['seed']"),
     ('[variants.y]\nmethod = "rkif"\n', "[variants] for methods not in the grid: ['y']"),
     ('reference = "seqlora"\n', "reference 'seqlora' is not in the grid"),
+    ('[variants.x]\nmethod = "rkif"\npaper = "rkif2"\n', "paper = 'rkif2': expected the method or preset"),
 ])
 def test_bad_variants_are_refused_naming_the_file_and_the_entry(tmp_path, extra, fault):
     text = 'name = "g"\norders = [1]\nmethods = ["rkif", "x"]\n' + extra
@@ -150,6 +152,9 @@ def test_bench_report_labels_variants_and_adds_the_paired_table(tmp_path, monkey
     assert "Paired differences to rkif" in table
     assert _row(table.split("Paired differences")[1], "random")[2:4] == ["-5.0 [-5.0, -5.0]", "-10.0 [-10.0, -10.0]"]
     assert _row(table.split("Paired differences")[1], "long")[1] == "4"
+    main = table.split("Paired differences")[0]                 # the paper's columns: a variant's only if named
+    assert _row(main, "rkif")[7:] == ["78.4", "-2.8", "77.9 / -3.4"]
+    assert _row(main, "random")[7:] == ["-", "-", "-"] and _row(main, "long")[7:] == ["-", "-", "52.3 / -21.5"]
     assert (out / "plots" / "matrix_random_order2_seed1.png").stat().st_size > 0
     assert "12 of 16 runs finished" in table                                           # rkif-ki has none yet
     _, _ = bench(config, out, report_only=True, methods=["random"])                    # a variant name selects
