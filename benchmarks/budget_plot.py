@@ -1,0 +1,125 @@
+"""At which training budget do R-KIF's masks pay? (issue 13, item 3): OP, BWT and "just trained" against
+the epochs per task, one line per method, from the finished runs of one or more grid folders.
+
+    python benchmarks/budget_plot.py benchmarks/results/budget benchmarks/results/epochs3 \\
+        benchmarks/results/standard --orders 1 --methods rkif,rkif-ki,replay,vrmcl --out benchmarks/results/budget
+
+Runs are grouped by (method, epochs per task) over the orders and seeds found (mean, and min to max where
+there are several); a (method, epochs) pair found with other settings in another folder is refused, except
+for ``eval_scope``: "seen+next" evaluates fewer cells and leaves OP, BWT and "just trained" as they are
+(tests/test_runner.py), so a grid that evaluated every cell counts the same. Writes
+``budget.png`` and ``budget.md`` (one row per method and budget: runs, optimizer steps and R-KIF fusion
+rounds per task, OP, BWT, "just trained") into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from rkif import io
+from rkif.report import just_trained, method_colours, plt
+from rkif.runner import with_defaults
+
+# settings that may differ between runs of one (method, epochs) point
+FREE = {"output", "resume", "order", "seed", "epochs", "method", "method_options", "eval_scope"}
+
+
+def load_points(folders: list[Path], methods: list[str] | None = None,
+                orders: list[int] | None = None) -> dict[tuple[str, float], list[dict]]:
+    """``{(method, epochs): [results of finished runs]}`` from ``<folder>/runs/*/*/results.json``: the runs of
+    ``methods`` (default: every method with a BWT, so not multi-task training) on ``orders`` (default: all)."""
+    points: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    settings: dict[tuple[str, float], tuple[dict, Path]] = {}
+    for folder in folders:
+        found = sorted(folder.glob("runs/*/*/results.json"))
+        if not found:
+            raise FileNotFoundError(f"{folder}: no runs/*/*/results.json (not a grid folder, or nothing finished)")
+        for path in found:
+            r = io.read_json(path)
+            if (not r.get("complete") or r.get("bwt") is None or (methods and r["method"] not in methods)
+                    or (orders and r["order"] not in orders)):
+                continue
+            config = with_defaults(r["config"])
+            key = (r["method"], float(config["epochs"]))
+            shared = {k: v for k, v in config.items() if k not in FREE}
+            if key in settings and settings[key][0] != shared:
+                diff = sorted(k for k in shared if shared[k] != settings[key][0].get(k))
+                raise ValueError(f"{path}: {key[0]} at {key[1]:g} epochs differs from {settings[key][1]} in {diff}")
+            settings.setdefault(key, (shared, path))
+            points[key].append(r)
+    return dict(points)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summary(runs: list[dict]) -> dict:
+    """Means (in %) over the runs of one point, and the steps and fusion rounds per task."""
+    steps = [s["steps"] for r in runs for s in r["stage_log"]]
+    rounds = [len(r["diagnostics"]["rounds"]) / max(len(r["stage_log"]) - 1, 1) for r in runs
+              if r.get("diagnostics", {}).get("rounds")]             # stage 0 has no memory, so no round
+    return {"runs": len(runs), "steps": _mean(steps), "rounds": _mean(rounds) if rounds else None,
+            "op": [100 * r["op"] for r in runs], "bwt": [100 * r["bwt"] for r in runs],
+            "just_trained": [100 * just_trained(r) for r in runs]}
+
+
+def table(points: dict[tuple[str, float], list[dict]]) -> str:
+    lines = ["| method | epochs per task | runs | steps per task | fusion rounds per task | OP | BWT | just trained |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (method, epochs), runs in sorted(points.items()):
+        s = summary(runs)
+        rounds = "-" if s["rounds"] is None else f"{s['rounds']:.0f}"
+        lines.append(f"| {method} | {epochs:g} | {s['runs']} | {s['steps']:.0f} | {rounds} | {_mean(s['op']):.1f} | "
+                     f"{_mean(s['bwt']):.1f} | {_mean(s['just_trained']):.1f} |")
+    return "\n".join(lines)
+
+
+def plot(points: dict[tuple[str, float], list[dict]], path: Path) -> None:
+    """OP, BWT and "just trained" against epochs per task (log axis), one line per method."""
+    methods = list(dict.fromkeys(m for m, _ in sorted(points)))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for colour, method in zip(method_colours(len(methods)), methods):
+        budgets = sorted(e for m, e in points if m == method)
+        stats = [summary(points[(method, e)]) for e in budgets]
+        for ax, key in zip(axes, ("op", "bwt", "just_trained")):
+            means = [_mean(s[key]) for s in stats]
+            low = [m - min(s[key]) for m, s in zip(means, stats)]
+            high = [max(s[key]) - m for m, s in zip(means, stats)]
+            ax.errorbar(budgets, means, yerr=[low, high], marker="o", capsize=2, color=colour, label=method)
+    budgets = sorted({e for _, e in points})
+    for ax, title in zip(axes, ("OP (%)", "BWT (%)  (higher: less forgetting)", "just trained (%)")):
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{e:g}" for e in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("epochs per task")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", type=Path, help="grid folders (each with runs/<name>/<order-seed>/)")
+    p.add_argument("--out", type=Path, required=True, help="where budget.png and budget.md go")
+    p.add_argument("--methods", help="comma-separated methods (default: every one with a BWT)")
+    p.add_argument("--orders", help="comma-separated task orders (default: every one found)")
+    a = p.parse_args(argv)
+    points = load_points(a.folders, a.methods.split(",") if a.methods else None,
+                         [int(o) for o in a.orders.split(",")] if a.orders else None)
+    if not points:
+        raise SystemExit(f"{', '.join(map(str, a.folders))}: no finished run")
+    a.out.mkdir(parents=True, exist_ok=True)
+    plot(points, a.out / "budget.png")
+    text = table(points)
+    io.write_text(a.out / "budget.md", text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

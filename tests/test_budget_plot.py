@@ -1,0 +1,56 @@
+"""benchmarks/budget_plot.py: OP, BWT and "just trained" against epochs per task, from several grid folders."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from rkif import io
+from rkif.config import RunConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "budget_plot.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("budget_plot", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(folder: Path, name: str, method: str, epochs: float, order: int = 1, bwt: float | None = -0.1,
+         rounds: int = 0, **settings) -> None:
+    config = RunConfig(method=method, epochs=epochs, order=order, output=str(folder / name), **settings).to_dict()
+    acc = [[0.8, 0.7], [None, 0.9]]
+    io.write_json(folder / "runs" / name / f"order{order}-seed42" / "results.json", {
+        "method": method, "order": order, "tasks": ["a", "b"], "stages": [["a"], ["b"]], "accuracy": acc,
+        "op": 0.8, "bwt": bwt, "complete": True, "config": config,
+        "stage_log": [{"steps": int(63 * epochs)}, {"steps": int(63 * epochs)}],
+        "diagnostics": {"rounds": [{"stage": 1, "round": k} for k in range(rounds)]}})
+
+
+def test_points_from_several_grids_make_one_table_and_plot(tmp_path):
+    module = _module()
+    one, two = tmp_path / "budget", tmp_path / "standard"
+    _run(one, "rkif-e3", "rkif", 3.0, rounds=24)
+    _run(two, "rkif", "rkif", 1.0, rounds=8, eval_scope="all")       # every cell evaluated: the same metrics
+    _run(two, "rkif", "rkif", 1.0, order=2, rounds=8, eval_scope="all")
+    _run(two, "replay", "replay", 1.0)
+    _run(two, "mtl", "mtl", 1.0, bwt=None)                            # no BWT: not a point
+    points = module.load_points([one, two], orders=[1])
+    assert sorted(points) == [("replay", 1.0), ("rkif", 1.0), ("rkif", 3.0)]
+    assert [len(v) for _, v in sorted(points.items())] == [1, 1, 1]
+    table = module.table(points)
+    assert "| rkif | 3 | 1 | 189 | 24 | 80.0 | -10.0 | 85.0 |" in table
+    assert "| replay | 1 | 1 | 63 | - |" in table
+    assert len(module.load_points([two], methods=["rkif"])[("rkif", 1.0)]) == 2
+    module.main([str(one), str(two), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "budget.png").stat().st_size > 0 and (tmp_path / "out" / "budget.md").exists()
+
+
+def test_one_point_with_other_settings_in_two_grids_is_refused(tmp_path):
+    module = _module()
+    _run(tmp_path / "a", "rkif", "rkif", 1.0)
+    _run(tmp_path / "b", "rkif", "rkif", 1.0, order=2, lr=5e-4)
+    with pytest.raises(ValueError, match=r"rkif at 1 epochs differs from .* in \['lr'\]"):
+        module.load_points([tmp_path / "a", tmp_path / "b"])
