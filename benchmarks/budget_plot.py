@@ -4,7 +4,8 @@ the epochs per task, one line per method, from the finished runs of one or more 
     python benchmarks/budget_plot.py benchmarks/results/budget benchmarks/results/epochs3 \\
         benchmarks/results/standard --orders 1 --methods rkif,rkif-ki,replay,vrmcl --out benchmarks/results/budget
 
-Runs are grouped by (method, epochs per task) over the orders and seeds found (mean, and min to max where
+Runs are grouped by (entry, epochs per task) over the orders and seeds found, an entry being the method and
+its options (``rkif mask_source=random``) (mean, and min to max where
 there are several); a (method, epochs) pair found with other settings in another folder is refused, except
 for ``eval_scope``: "seen+next" evaluates fewer cells and leaves OP, BWT and "just trained" as they are
 (tests/test_runner.py), so a grid that evaluated every cell counts the same. Writes
@@ -15,6 +16,7 @@ rounds per task, OP, BWT, "just trained") into ``--out``.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,23 +28,30 @@ from rkif.runner import with_defaults
 FREE = {"output", "resume", "order", "seed", "epochs", "method", "method_options", "eval_scope"}
 
 
+def entry(r: dict) -> str:
+    """A run's method and its options given (not the defaults), e.g. ``rkif mask_source=random``."""
+    options = r["config"].get("method_options") or {}
+    return " ".join([r["method"], *(f"{k}={v}" for k, v in sorted(options.items()))])
+
+
 def load_points(folders: list[Path], methods: list[str] | None = None,
                 orders: list[int] | None = None) -> dict[tuple[str, float], list[dict]]:
-    """``{(method, epochs): [results of finished runs]}`` from ``<folder>/runs/*/*/results.json``: the runs of
-    ``methods`` (default: every method with a BWT, so not multi-task training) on ``orders`` (default: all)."""
+    """``{(entry, epochs): [results of finished runs]}`` from ``<folder>/runs/*/*/results.json``: the runs of
+    ``methods`` (default: every method with a BWT, so not multi-task training) on ``orders`` (default: all). A
+    folder with no run yet is skipped, with a line saying so."""
     points: dict[tuple[str, float], list[dict]] = defaultdict(list)
     settings: dict[tuple[str, float], tuple[dict, Path]] = {}
     for folder in folders:
         found = sorted(folder.glob("runs/*/*/results.json"))
         if not found:
-            raise FileNotFoundError(f"{folder}: no runs/*/*/results.json (not a grid folder, or nothing finished)")
+            print(f"{folder}: no runs/*/*/results.json yet, skipped", file=sys.stderr)
         for path in found:
             r = io.read_json(path)
             if (not r.get("complete") or r.get("bwt") is None or (methods and r["method"] not in methods)
                     or (orders and r["order"] not in orders)):
                 continue
             config = with_defaults(r["config"])
-            key = (r["method"], float(config["epochs"]))
+            key = (entry(r), float(config["epochs"]))
             shared = {k: v for k, v in config.items() if k not in FREE}
             if key in settings and settings[key][0] != shared:
                 diff = sorted(k for k in shared if shared[k] != settings[key][0].get(k))
@@ -57,7 +66,8 @@ def _mean(values: list[float]) -> float:
 
 
 def summary(runs: list[dict]) -> dict:
-    """Means (in %) over the runs of one point, and the steps and fusion rounds per task."""
+    """One point: its run count, mean optimizer steps and fusion rounds per task, and each run's OP, BWT and
+    "just trained" (in %)."""
     steps = [s["steps"] for r in runs for s in r["stage_log"]]
     rounds = [len(r["diagnostics"]["rounds"]) / max(len(r["stage_log"]) - 1, 1) for r in runs
               if r.get("diagnostics", {}).get("rounds")]             # stage 0 has no memory, so no round
@@ -67,6 +77,7 @@ def summary(runs: list[dict]) -> dict:
 
 
 def table(points: dict[tuple[str, float], list[dict]]) -> str:
+    """budget.md: a row per entry and budget, with the means over its runs."""
     lines = ["| method | epochs per task | runs | steps per task | fusion rounds per task | OP | BWT | just trained |",
              "|---|---|---|---|---|---|---|---|"]
     for (method, epochs), runs in sorted(points.items()):
@@ -104,6 +115,7 @@ def plot(points: dict[tuple[str, float], list[dict]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Read the folders, write budget.png and budget.md, print the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="grid folders (each with runs/<name>/<order-seed>/)")
     p.add_argument("--out", type=Path, required=True, help="where budget.png and budget.md go")

@@ -9,6 +9,7 @@ A grid is a small TOML file::
     methods = ["seqlora", "replay", "rkif"]
     user_modules = ["my_method.py"]   # optional: .py files or dotted modules registering your own methods
                                       # (paths relative to the working directory, as --user-module's)
+    reference = "rkif"                # optional: the table adds paired differences to this entry
     [run]                             # RunConfig fields shared by every run
     train_size = 500                  # or "all" (every example), as test_size
     [backbone]                        # BackboneConfig fields
@@ -20,7 +21,6 @@ A grid is a small TOML file::
     options = { mask_source = "random" }
     run = { epochs = 3.0 }            # optional: RunConfig fields of this variant's runs only
     paper = "rkif"                    # optional: the row of the paper's table the variant is read against
-    reference = "rkif"                # optional: the table adds paired differences to this entry
 
 Each run lives in ``<out>/runs/<name>/order<o>-seed<s>/`` (``<name>``: the method's or the
 variant's, also its name in the table); a finished run is skipped, a
@@ -57,7 +57,7 @@ from rkif.config import BENCHMARK_ORDERS, RunConfig
 from rkif.console import progress_options
 from rkif.data import BENCHMARK_DEFAULTS, read_task, resolve_task_names
 from rkif.methods import available, import_user_modules
-from rkif.report import grid_report
+from rkif.report import PAPER_TABLE1, grid_report
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,9 +141,10 @@ def _check_variants(path: Path, grid: dict) -> None:
         for key in ("options", "run"):
             if not isinstance(variant.get(key, {}), dict):
                 raise ValueError(f"{where}: {key} must be a table")
-        if "paper" in variant and variant["paper"] not in available():
-            raise ValueError(f"{where}: paper = {variant['paper']!r}: expected the method or preset whose row of "
-                             "the paper's table this variant is read against")
+        rows = sorted({m for table in PAPER_TABLE1.values() for m in table})
+        if "paper" in variant and variant["paper"] not in rows:
+            raise ValueError(f"{where}: paper = {variant['paper']!r}: expected the method whose row of the paper's "
+                             f"tables this variant is read against, one of {rows}")
         run = variant.get("run", {})
         bad = set(run) - run_fields
         if bad:

@@ -36,9 +36,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-") + " "
 
 
-def fail(label: str, value: Any, allowed: str) -> ValueError:
+class CheckError(ValueError):
+    """A setting refused by a check (``fail``): one line on the command line, wherever it was raised (a user
+    module's own ``check`` included)."""
+
+
+def fail(label: str, value: Any, allowed: str) -> CheckError:
     """The one-line error ``<label><value>: <allowed>``; ``label`` is ``--flag `` or ``method option name=``."""
-    return ValueError(f"{label}{value!r}: {allowed}")
+    return CheckError(f"{label}{value!r}: {allowed}")
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -1,5 +1,6 @@
 """What a run shows in the terminal: one progress bar per training stage, with the live loss and a
-method's round in its postfix; the runner's line per finished stage; the final matrix (the CLI).
+method's round in its postfix (``training.ConsoleCallback``, drawn with ``progress_options``); the runner's
+line per finished stage; the final matrix (the CLI). This module imports no torch or transformers.
 
 The Trainer's log dicts, a method's per-round diagnostics included, go to ``<workdir>/log.jsonl`` (one
 JSON object per line) and to the loggers of ``--report-to``; the terminal shows them only with

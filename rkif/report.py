@@ -252,7 +252,7 @@ NAME_OFFSETS = [(4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right
                 (4, -13, "left", "top"), (-4, 13, "right", "bottom"), (-4, -13, "right", "top")]
 
 
-def place_names(ax, named: list[tuple[str, float, float]], fontsize: float = 7) -> list:
+def place_names(ax: plt.Axes, named: list[tuple[str, float, float]], fontsize: float = 7) -> list:
     """Write each ``(name, x, y)`` beside its point, at the first of ``NAME_OFFSETS`` where it covers no name
     written before and no other point (else the first offset): names stay legible where points crowd.
     Returns the names' boxes in display pixels."""

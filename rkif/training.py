@@ -1,7 +1,8 @@
 """The stock ``transformers.Trainer``, extended (not copied) to call a method's hooks.
 
 ``ContinualTrainer`` adds the method's extra loss terms in ``compute_loss`` and logs them in
-``log``; ``MethodCallback`` forwards the Trainer's events to the method together with the trainer,
+``log``; ``ConsoleCallback`` draws the stage's progress bar and writes the log dicts to ``log.jsonl``;
+``MethodCallback`` forwards the Trainer's events to the method together with the trainer,
 so methods see the accelerator, the optimizer and the wrapped model. Gradient accumulation, mixed
 precision and distributed training are the Trainer's and keep working; before the first step,
 ``rkif.sharding.check_distribution`` stops a method that cannot run on the Trainer's FSDP or DeepSpeed.

@@ -110,3 +110,11 @@ def test_minilm_cannot_be_generative():
     from rkif.backbones import build_backbone
     with pytest.raises(ValueError, match="encoder"):
         build_backbone(BackboneConfig(model="minilm", family="seq2seq"))
+
+
+def test_the_family_names_the_parser_offers_are_the_families_that_load():
+    """``FAMILY_NAMES`` (torch-free, for ``--family``) names exactly the classes ``families()`` loads."""
+    import rkif.backbones as backbones
+
+    assert tuple(backbones.families()) == backbones.FAMILY_NAMES
+    assert backbones.FAMILIES["causal"] is CausalBackbone and backbones.Seq2SeqBackbone is Seq2SeqBackbone

@@ -37,9 +37,10 @@ def test_points_from_several_grids_make_one_table_and_plot(tmp_path):
     _run(two, "rkif", "rkif", 1.0, order=2, rounds=8, eval_scope="all")
     _run(two, "replay", "replay", 1.0)
     _run(two, "mtl", "mtl", 1.0, bwt=None)                            # no BWT: not a point
-    points = module.load_points([one, two], orders=[1])
-    assert sorted(points) == [("replay", 1.0), ("rkif", 1.0), ("rkif", 3.0)]
-    assert [len(v) for _, v in sorted(points.items())] == [1, 1, 1]
+    _run(two, "rkif-random", "rkif", 1.0, method_options={"mask_source": "random"})   # a variant: its own entry
+    points = module.load_points([one, two, tmp_path / "not-yet"], orders=[1])
+    assert sorted(points) == [("replay", 1.0), ("rkif", 1.0), ("rkif", 3.0), ("rkif mask_source=random", 1.0)]
+    assert [len(v) for _, v in sorted(points.items())] == [1, 1, 1, 1]
     table = module.table(points)
     assert "| rkif | 3 | 1 | 189 | 24 | 80.0 | -10.0 | 85.0 |" in table
     assert "| replay | 1 | 1 | 63 | - |" in table

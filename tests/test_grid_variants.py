@@ -60,7 +60,7 @@ def test_a_variant_is_a_method_with_options_and_run_settings_under_its_own_name(
     ('[variants.x]\nmethod = "rkif"\nrun = { seed = 3 }\n', "may not set ['seed']"),
     ('[variants.y]\nmethod = "rkif"\n', "[variants] for methods not in the grid: ['y']"),
     ('reference = "seqlora"\n', "reference 'seqlora' is not in the grid"),
-    ('[variants.x]\nmethod = "rkif"\npaper = "rkif2"\n', "paper = 'rkif2': expected the method or preset"),
+    ('[variants.x]\nmethod = "rkif"\npaper = "rkif2"\n', "paper = 'rkif2': expected the method whose row"),
 ])
 def test_bad_variants_are_refused_naming_the_file_and_the_entry(tmp_path, extra, fault):
     text = 'name = "g"\norders = [1]\nmethods = ["rkif", "x"]\n' + extra

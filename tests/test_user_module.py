@@ -94,7 +94,7 @@ class BuggyConfig(MethodConfig):
 
     def check(self) -> None:
         super().check()
-        {{}}["{key}"]                     # the author's bug: a KeyError in the user's own code
+        {check}
 
 
 @register
@@ -108,7 +108,7 @@ def test_an_error_from_a_user_modules_own_code_shows_its_traceback(tmp_path, cap
     """rkif's own checks stay one line; a bug in the user's code (here a KeyError, which rkif's checks also
     raise) shows the traceback down to the user's line, which its author needs."""
     module = tmp_path / "buggy_methods.py"
-    module.write_text(BUGGY.format(key="missing_setting"))
+    module.write_text(BUGGY.format(check='{}["missing_setting"]   # the bug: a KeyError in the user\'s own code'))
     code = main(["run", "--user-module", str(module), "--method", "buggy", "--tasks", "alpha",
                  "--output", str(tmp_path / "out")])
     assert code == 2
@@ -118,6 +118,39 @@ def test_an_error_from_a_user_modules_own_code_shows_its_traceback(tmp_path, cap
     frames = traceback.extract_tb(errors[0].exc_info[2])
     assert frames[-1].filename == str(module) and "missing_setting" in frames[-1].line
     assert registry.raised_in_user_module(errors[0].exc_info[1])
+
+
+def test_a_user_modules_refusal_through_fail_stays_one_line(tmp_path, caplog):
+    module = tmp_path / "strict_methods.py"
+    module.write_text("from rkif.checks import fail\n" + BUGGY.format(
+        check='raise fail("buggy option mode=", "x", "choose a or b")'))
+    code = main(["run", "--user-module", str(module), "--method", "buggy", "--tasks", "alpha",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and _one_error(caplog) == "buggy option mode='x': choose a or b"
+
+
+def test_a_bug_in_a_module_the_users_package_registers_from_shows_its_traceback(tmp_path, monkeypatch, caplog):
+    """The method is defined in ``mylab.impl`` and registered by ``mylab.methods`` (the module given); a bug
+    re-raised by rkif as another error (``raise ... from``) still counts as the user's."""
+    package = tmp_path / "mylab"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "impl.py").write_text(BUGGY.replace("@register\n", "").format(check='{}["in_impl"]'))
+    (package / "methods.py").write_text("from rkif.methods import register\nfrom mylab.impl import Buggy\n\n"
+                                        "register(Buggy)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["run", "--user-module", "mylab.methods", "--method", "buggy", "--tasks", "alpha",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    try:
+        registry.METHODS["buggy"].config_class()
+    except KeyError as bug:
+        try:
+            raise ValueError("rkif's one-line summary") from bug
+        except ValueError as wrapped:
+            assert registry.raised_in_user_module(wrapped)
 
 
 @pytest.mark.parametrize("spec, words", [("{tmp}/nope.py", "no such file"),

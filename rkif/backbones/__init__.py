@@ -1,7 +1,7 @@
 """Model families behind one protocol (see ``base.Backbone``).
 
-``BackboneConfig`` and ``FAMILY_NAMES`` need no torch; the families (``families()``, ``build_backbone``)
-load torch, transformers and peft on first use, so ``rkif --help`` starts without them.
+``BackboneConfig`` and ``FAMILY_NAMES`` need no torch; the families (``families()``, ``FAMILIES``,
+``build_backbone``) load torch, transformers and peft on first use, so ``rkif --help`` starts without them.
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 from rkif.backbones.config import FAMILY_NAMES, BackboneConfig
+from rkif.backbones.sources import family_from_name, resolve_model
 
 if TYPE_CHECKING:
     from rkif.backbones.base import Backbone
+    from rkif.backbones.causal import CausalBackbone
+    from rkif.backbones.encoder import EncoderBackbone, minilm_path
+    from rkif.backbones.seq2seq import Seq2SeqBackbone
 
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {"Backbone": "rkif.backbones.base", "CausalBackbone": "rkif.backbones.causal",
@@ -21,26 +25,24 @@ _LAZY = {"Backbone": "rkif.backbones.base", "CausalBackbone": "rkif.backbones.ca
 
 
 def __getattr__(name: str):
+    if name == "FAMILIES":
+        return families()
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def families() -> dict[str, type[Backbone]]:
-    """``{family name: Backbone class}``, in the order of ``FAMILY_NAMES``."""
+    """``{family name: Backbone class}``, keyed by ``FAMILY_NAMES``."""
     from rkif.backbones.causal import CausalBackbone
     from rkif.backbones.encoder import EncoderBackbone
     from rkif.backbones.seq2seq import Seq2SeqBackbone
 
-    found = {"encoder": EncoderBackbone, "seq2seq": Seq2SeqBackbone, "causal": CausalBackbone}
-    assert tuple(found) == FAMILY_NAMES
-    return found
+    return {"encoder": EncoderBackbone, "seq2seq": Seq2SeqBackbone, "causal": CausalBackbone}
 
 
 def build_backbone(cfg: BackboneConfig, peft_config=None) -> Backbone:
     """Load the configured model family with its adapter (the paper's LoRA unless ``peft_config``)."""
-    from rkif.backbones.sources import family_from_name, resolve_model
-
     if cfg.family not in FAMILY_NAMES:
         raise ValueError(f"unknown --family {cfg.family!r}: choose from {sorted(FAMILY_NAMES)}")
     fixed = family_from_name(cfg.model)
@@ -51,4 +53,5 @@ def build_backbone(cfg: BackboneConfig, peft_config=None) -> Backbone:
     return families()[cfg.family](cfg, peft_config=peft_config)
 
 
-__all__ = ["Backbone", "BackboneConfig", "FAMILY_NAMES", "build_backbone", "families", "minilm_path"]
+__all__ = ["Backbone", "BackboneConfig", "CausalBackbone", "EncoderBackbone", "FAMILIES", "FAMILY_NAMES",
+           "Seq2SeqBackbone", "build_backbone", "families", "minilm_path"]

@@ -14,9 +14,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, TracebackType
 from typing import Any
 
+from rkif.checks import CheckError
 from rkif.methods.base import Method
 
 METHODS: dict[str, type[Method]] = {}
@@ -58,7 +59,7 @@ def available() -> list[str]:
 
 
 _USER_FILES: dict[Path, ModuleType] = {}     # resolved path -> module: a file is imported once per process
-_USER_NAMES: set[str] = set()                # the module names of the user's code (a dotted one: its submodules too)
+_USER_NAMES: set[str] = set()                # the user's modules: those given, and those defining what they registered
 
 
 @contextmanager
@@ -74,6 +75,15 @@ def _registering() -> Iterator[None]:
         for name in set(PRESETS) - presets:
             del PRESETS[name]
         raise
+    for name in set(METHODS) - methods:        # a package may register classes defined in its other modules
+        _add_user_name(METHODS[name].__module__)
+        _add_user_name(METHODS[name].config_class.__module__)
+
+
+def _add_user_name(module: str) -> None:
+    """Count ``module`` (and its submodules) as the user's code for ``raised_in_user_module``; never rkif's."""
+    if module != "rkif" and not module.startswith("rkif."):
+        _USER_NAMES.add(module)
 
 
 def _imported_file(path: Path) -> ModuleType | None:
@@ -95,7 +105,7 @@ def _import_dotted(spec: str) -> ModuleType:
         origin = found.origin if found is not None else None
         if origin and os.path.isfile(origin) and Path(origin).resolve() in _USER_FILES:
             sys.modules[spec] = _USER_FILES[Path(origin).resolve()]
-    _USER_NAMES.add(spec)
+    _add_user_name(spec)                  # before it runs: an error in its top level is the user's too
     with _registering():
         return importlib.import_module(spec)
 
@@ -119,7 +129,7 @@ def import_user_module(spec: str) -> ModuleType:
     module = _imported_file(key)
     if module is not None:
         _USER_FILES[key] = module
-        _USER_NAMES.add(module.__name__)
+        _add_user_name(module.__name__)
         return module
     name = "rkif_user_" + re.sub(r"\W", "_", path.stem)
     while name in sys.modules:            # another file of the same name: a name of its own
@@ -127,7 +137,7 @@ def import_user_module(spec: str) -> ModuleType:
     module_spec = importlib.util.spec_from_file_location(name, key)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module            # dataclasses and type hints look the module up by name
-    _USER_NAMES.add(name)
+    _add_user_name(name)                  # before it runs: an error in its top level is the user's too
     try:
         with _registering():
             module_spec.loader.exec_module(module)
@@ -139,12 +149,22 @@ def import_user_module(spec: str) -> ModuleType:
 
 
 def raised_in_user_module(err: BaseException) -> bool:
-    """Whether ``err`` comes from a user module's own code: of the frames it passed through that belong to rkif
-    or to a user module, the innermost is the user's (a library it called may have raised it). Then its
-    traceback is worth showing; an error raised by rkif's checks (a user's config calling ``check_ranges``)
-    is not."""
+    """Whether ``err``, or an error it was raised from or while handling, comes from a user module's own code:
+    of the frames it passed through that belong to rkif or to a user module, the innermost is the user's (a
+    library the user called may have raised it). Then its traceback is worth showing. A refusal by a check
+    (``rkif.checks.fail``, ``check_ranges``: a ``CheckError``) stays one line wherever it was raised."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if not isinstance(err, CheckError) and _innermost_owner(err.__traceback__) == "user":
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _innermost_owner(tb: TracebackType | None) -> str | None:
+    """``"user"`` or ``"rkif"``: whose code the innermost frame of ``tb`` that is either's belongs to."""
     owner = None
-    tb = err.__traceback__
     while tb is not None:
         name = tb.tb_frame.f_globals.get("__name__", "")
         if any(name == user or name.startswith(user + ".") for user in _USER_NAMES):
@@ -152,7 +172,7 @@ def raised_in_user_module(err: BaseException) -> bool:
         elif name == "rkif" or name.startswith("rkif."):
             owner = "rkif"
         tb = tb.tb_next
-    return owner == "user"
+    return owner
 
 
 def import_user_modules(specs: list[str]) -> None:
