@@ -252,9 +252,13 @@ NAME_OFFSETS = [(4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right
                 (4, -13, "left", "top"), (-4, 13, "right", "bottom"), (-4, -13, "right", "top")]
 
 
+NAME_CLEARANCE = 6     # pixels between a name and any other point
+
+
 def place_names(ax: plt.Axes, named: list[tuple[str, float, float]], fontsize: float = 7) -> list:
     """Write each ``(name, x, y)`` beside its point, at the first of ``NAME_OFFSETS`` where it covers no name
-    written before and no other point (else the first offset): names stay legible where points crowd.
+    written before and comes no nearer than ``NAME_CLEARANCE`` to another point (else the first offset):
+    names stay legible, and by their own point, where points crowd.
     Returns the names' boxes in display pixels."""
     renderer = ax.figure.canvas.get_renderer()
     dots = [ax.transData.transform((x, y)) for _, x, y in named]
@@ -265,7 +269,8 @@ def place_names(ax: plt.Axes, named: list[tuple[str, float, float]], fontsize: f
             text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
                                ha=ha, va=va)
             box = text.get_window_extent(renderer)
-            free = not any(box.overlaps(t) for t in taken) and not any(box.contains(*d) for d in others)
+            near = box.padded(NAME_CLEARANCE)          # a dot just beside a name reads as the name's point
+            free = not any(box.overlaps(t) for t in taken) and not any(near.contains(*d) for d in others)
             if free or k == len(NAME_OFFSETS):
                 break
             text.remove()
