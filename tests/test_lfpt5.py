@@ -140,8 +140,10 @@ def test_pseudo_samples_are_the_parsed_samples_of_the_model_and_no_stored_exampl
     assert all(c["max_new_tokens"] == 12 and c["sampling"] == {"top_k": 64, "repetition_penalty": 2.5} for c in calls)
     torch.manual_seed(7 + 1)                                # seeded with run.seed + stage
     assert calls[0]["rng"] == torch.randint(10 ** 9, (1,)).item()
-    assert method.diagnostics() == {"pseudo_samples": [
-        {"stage": 1, "tasks": {"alpha": {"kept": 3, "drawn": 9, "wanted": 4}}}]}
+    assert method.diagnostics() == {"pseudo_samples": [        # why the other six were rejected, and examples
+        {"stage": 1, "tasks": {"alpha": {"kept": 3, "wanted": 4, "drawn": 9, "malformed": 5, "off_label": 1,
+                                         "rejected": ["no separator 1", "made up 2 __ans__ maybe",
+                                                      "made up 3 __ans__ "]}}}]}
     assert torch.equal(method.previous, method.prompt.weight.detach())   # P_prev: the prompt before stage 1
 
 

@@ -27,8 +27,9 @@ also puts the phrase "sentence classification" first: not every task here is a c
 Hooks: ``peft_config`` (``PromptMethod``'s frozen placeholder LoRA; refuses the encoder family), the
 backbone input hook (the prefix), ``before_task`` (snapshot, pseudo-samples, the stage's stream),
 ``extra_loss`` (``lfpt5_lm``, ``lfpt5_kl``), ``after_task`` (the finished-task registry),
-``state_dict`` (previous prompt, pseudo-samples, registry, counts), ``diagnostics`` (kept vs drawn per
-task and stage). The prompt is a submodule of the backbone (``soft_prompt.weight``), saved with the adapters.
+``state_dict`` (previous prompt, pseudo-samples, registry, counts), ``diagnostics`` (kept, drawn and
+why rejected, with a few rejected texts, per task and stage). The prompt is a submodule of the backbone
+(``soft_prompt.weight``), saved with the adapters.
 
 Deviations from the official code:
 - The Trainer's batch does not say which task a row comes from, so the LM stream's rows are drawn (seeded,
@@ -72,6 +73,8 @@ logger = logging.getLogger(__name__)
 CUE = "__gen__"          # the LM stream's source: CUE + " " + task name
 SEPARATOR = "__ans__"    # between a generated prompt and its answer
 SEPARATOR_TOKENS = 8     # room for the separator's tokens in the default token cap
+REJECTS_SHOWN = 3        # rejected pseudo-samples kept per task and stage in the diagnostics, to see why
+REJECT_CHARS = 300       # ... each cut to this many characters
 
 
 @dataclass
@@ -212,12 +215,14 @@ class LFPT5(PromptMethod):
                 self.prompt.weight[:len(rows)] = torch.stack(rows)
 
     # -- pseudo-samples -------------------------------------------------------------------------
-    def sample_task(self, task: dict) -> tuple[list[Example], int]:
-        """Pseudo-samples of a finished task from the current prompt, and how many sequences were drawn."""
+    def sample_task(self, task: dict) -> tuple[list[Example], dict]:
+        """Pseudo-samples of a finished task from the current prompt, and what was drawn: ``drawn``, the
+        rejected ``malformed`` (not one separator with text on both sides) and ``off_label`` (an answer
+        outside the task's labels), and up to ``REJECTS_SHOWN`` rejected texts (``rejected``)."""
         closed = not task["free_text"]
         room = ({label: self.config.pseudo_per_class for label in task["labels"]} if closed
                 else {None: self.config.pseudo_per_task})
-        kept, drawn = [], 0
+        kept, tally = [], {"drawn": 0, "malformed": 0, "off_label": 0, "rejected": []}
         for _ in range(self.config.sample_rounds):
             missing = sum(room.values())
             if not missing:
@@ -225,13 +230,18 @@ class LFPT5(PromptMethod):
             texts = self.backbone.sample_text([cue(task["name"])] * (missing * self.config.oversample),
                                               self.gen_tokens, top_k=self.config.top_k,
                                               repetition_penalty=self.config.repetition_penalty)
-            drawn += len(texts)
-            for ex in filter(None, (parse_pseudo(text, task["name"]) for text in texts)):
-                slot = ex.output if closed else None          # an answer outside the label set has no room
-                if room.get(slot, 0) > 0:
+            tally["drawn"] += len(texts)
+            for text in texts:
+                ex = parse_pseudo(text, task["name"])
+                slot = None if ex is None or not closed else ex.output
+                if ex is None or slot not in room:            # an answer outside the label set has no room
+                    tally["malformed" if ex is None else "off_label"] += 1
+                    if len(tally["rejected"]) < REJECTS_SHOWN:
+                        tally["rejected"].append(text[:REJECT_CHARS])
+                elif room[slot] > 0:
                     room[slot] -= 1
                     kept.append(ex)
-        return kept, drawn
+        return kept, tally
 
     def generate(self, stage: int) -> list[Example]:
         """Pseudo-samples of every finished task, sampled with the seed ``run.seed + stage``."""
@@ -239,12 +249,14 @@ class LFPT5(PromptMethod):
         with torch.random.fork_rng():
             torch.manual_seed(self.run.seed + stage)
             for task in self.finished:
-                kept, drawn = self.sample_task(task)
+                kept, tally = self.sample_task(task)
                 wanted = (self.config.pseudo_per_task if task["free_text"]
                           else self.config.pseudo_per_class * len(task["labels"]))
-                counts[task["name"]] = {"kept": len(kept), "drawn": drawn, "wanted": wanted}
-                logger.info("%s stage %d: kept %d of %d sampled pseudo-samples of %s (wanted %d)", self.name,
-                            stage, len(kept), drawn, task["name"], wanted)
+                counts[task["name"]] = {"kept": len(kept), "wanted": wanted, **tally}
+                logger.info("%s stage %d: kept %d of %d sampled pseudo-samples of %s (wanted %d; rejected: %d "
+                            "malformed, %d with an answer outside its labels)%s", self.name, stage, len(kept),
+                            tally["drawn"], task["name"], wanted, tally["malformed"], tally["off_label"],
+                            f"; e.g. {tally['rejected'][0]!r}" if tally["rejected"] else "")
                 pseudo += kept
         self.pseudo_log.append({"stage": stage, "tasks": counts})
         return pseudo
