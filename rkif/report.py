@@ -250,8 +250,6 @@ NAME_OFFSETS = [(4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right
                 (-4, -4, "right", "top"), (0, 7, "center", "bottom"), (0, -7, "center", "top"),
                 (8, 0, "left", "center"), (-8, 0, "right", "center"), (4, 13, "left", "bottom"),
                 (4, -13, "left", "top"), (-4, 13, "right", "bottom"), (-4, -13, "right", "top")]
-
-
 NAME_CLEARANCE = 6     # pixels between a name and any other point
 
 
