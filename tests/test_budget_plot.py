@@ -1,21 +1,12 @@
 """benchmarks/budget_plot.py: OP, BWT and "just trained" against epochs per task, from several grid folders."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from rkif import io
 from rkif.config import RunConfig
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "budget_plot.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("budget_plot", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import benchmark_script
 
 
 def _run(folder: Path, name: str, method: str, epochs: float, order: int = 1, bwt: float | None = -0.1,
@@ -30,7 +21,7 @@ def _run(folder: Path, name: str, method: str, epochs: float, order: int = 1, bw
 
 
 def test_points_from_several_grids_make_one_table_and_plot(tmp_path):
-    module = _module()
+    module = benchmark_script("budget_plot")
     one, two = tmp_path / "budget", tmp_path / "standard"
     _run(one, "rkif-e3", "rkif", 3.0, rounds=24)
     _run(two, "rkif", "rkif", 1.0, rounds=8, eval_scope="all")       # every cell evaluated: the same metrics
@@ -50,7 +41,7 @@ def test_points_from_several_grids_make_one_table_and_plot(tmp_path):
 
 
 def test_one_point_with_other_settings_in_two_grids_is_refused(tmp_path):
-    module = _module()
+    module = benchmark_script("budget_plot")
     _run(tmp_path / "a", "rkif", "rkif", 1.0)
     _run(tmp_path / "b", "rkif", "rkif", 1.0, order=2, lr=5e-4)
     with pytest.raises(ValueError, match=r"rkif at 1 epochs differs from .* in \['lr'\]"):

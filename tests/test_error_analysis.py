@@ -1,25 +1,14 @@
 """benchmarks/error_analysis.py: re-evaluates a finished run exactly and splits its errors by task."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from rkif import runner
+from tests.conftest import benchmark_script
 from tests.test_runner import config
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "error_analysis.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("error_analysis", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_analysis_reproduces_the_matrix_and_own_labels_never_hurt(tiny_data, tmp_path):
-    ea = load_script()
+    ea = benchmark_script("error_analysis")
     run_dir = tmp_path / "run"
     res = runner.run_experiment(config(tiny_data, run_dir, method="seqlora"))
     out = ea.analyse(run_dir)
@@ -34,7 +23,7 @@ def test_analysis_reproduces_the_matrix_and_own_labels_never_hurt(tiny_data, tmp
 
 
 def test_analysis_refuses_an_unfinished_run(tiny_data, tmp_path):
-    ea = load_script()
+    ea = benchmark_script("error_analysis")
     run_dir = tmp_path / "run"
     runner.run_experiment(config(tiny_data, run_dir, method="seqlora"))
     results = run_dir / "results.json"

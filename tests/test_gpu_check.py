@@ -1,15 +1,13 @@
 """The GPU check runs on CPU with its device parts skipped, and reports what it ran."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
+from tests.conftest import benchmark_script
+
+gpu_check = benchmark_script("gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")

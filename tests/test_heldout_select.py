@@ -1,21 +1,14 @@
 """benchmarks/heldout_select.py: the choice rule and extending a finished selection without retraining."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from rkif import io
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_select.py"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def sel():
-    spec = importlib.util.spec_from_file_location("heldout_select", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("heldout_select")
 
 
 def test_choose_takes_the_best_op_smaller_value_on_ties_and_never_a_reference(sel):

@@ -1,17 +1,11 @@
 """benchmarks/unfinished.py lists what a fresh clone needs to resume a grid's unfinished runs."""
 
-import importlib.util
-from pathlib import Path
-
 from rkif import io
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unfinished.py"
+from tests.conftest import benchmark_script
 
 
 def test_lists_results_and_the_last_checkpoint_of_unfinished_runs_only(tmp_path):
-    spec = importlib.util.spec_from_file_location("unfinished", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("unfinished")
     for name, finished, complete in (("a", 2, False), ("b", 4, True), ("c", 0, False)):
         run = tmp_path / "runs" / name / "order1-seed42"
         for stage in range(finished):
