@@ -282,13 +282,13 @@ def claim(run_dir: Path) -> Iterator[bool]:
 def bench(config_path: Path, out: Path | None = None, data: str | None = None,
           report_only: bool = False, methods: list[str] | None = None,
           orders: list[int] | None = None, html: bool = False,
-          user_modules: Sequence[str] = ()) -> tuple[str, list[str]]:
+          user_modules: Sequence[str] = (), seeds: list[int] | None = None) -> tuple[str, list[str]]:
     """Run every unfinished run of the grid (none with ``report_only``), then write the table and plots
     (with ``html``, also the page report.html). ``user_modules``: imported first, with the grid's own
     (``--user-module``), and recorded in each run's config.
 
-    ``methods`` and ``orders`` restrict the runs to part of the grid (e.g. one order of every
-    method first, or a share for another process); the table still covers every finished run.
+    ``methods``, ``orders`` and ``seeds`` restrict the runs to part of the grid (e.g. one order and seed
+    of every method first, or a share for another process); the table still covers every finished run.
     Returns the markdown table and the output folders of the runs that failed.
     """
     from rkif.runner import run_experiment
@@ -297,13 +297,16 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     unknown = sorted(set(methods or []) - set(grid["methods"]))
     if unknown:
         raise ValueError(f"{config_path}: method(s) {unknown} are not in the grid; it has {grid['methods']}")
-    unknown_orders = sorted(set(orders or []) - set(grid["orders"]))
-    if unknown_orders:
-        raise ValueError(f"{config_path}: order(s) {unknown_orders} are not in the grid; it has {grid['orders']}")
+    for key, chosen in (("orders", orders), ("seeds", seeds)):
+        strangers = sorted(set(chosen or []) - set(grid.get(key, [42])))
+        if strangers:
+            raise ValueError(f"{config_path}: {key[:-1]}(s) {strangers} are not in the grid; "
+                             f"it has {grid.get(key, [42])}")
     out = out or Path("benchmarks/results") / grid["name"]
     runs = grid_runs(grid, out, data)
     selected = [r for r in runs
-                if (methods is None or run_label(r) in methods) and (orders is None or r.order in orders)]
+                if (methods is None or run_label(r) in methods) and (orders is None or r.order in orders)
+                and (seeds is None or r.seed in seeds)]
     todo = [] if report_only else [r for r in selected if not is_finished(r)]
     check_data(todo, config_path)
     done = sum(is_finished(r) for r in runs)

@@ -48,6 +48,14 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",")]
 
 
+def comma_ints(text: str) -> list[int]:
+    """``--orders 1,2`` / ``--seeds 42,43``: whole numbers separated by commas."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas, e.g. 1,2") from None
+
+
 USER_MODULE_HELP = ("a .py file or a dotted module to import first, whose @register lines add your own methods "
                     "(repeatable; recorded in results.json, so --resume imports it again)")
 
@@ -239,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also report.html beside table.md: one self-contained page, readable offline")
     bench_p.add_argument("--methods", default=None,
                          help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
-    bench_p.add_argument("--orders", default=None, help="comma-separated subset of the grid's orders to run")
+    bench_p.add_argument("--orders", default=None, type=comma_ints,
+                         help="comma-separated subset of the grid's orders to run")
+    bench_p.add_argument("--seeds", default=None, type=comma_ints,
+                         help="comma-separated subset of the grid's seeds to run")
     add_user_module_argument(bench_p)
     methods_p = sub.add_parser("methods", help="list the methods (summary, -O options and defaults) and presets")
     add_user_module_argument(methods_p)
@@ -320,9 +331,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from rkif.bench import bench
         only = args.methods.split(",") if args.methods else None
-        orders = [int(o) for o in args.orders.split(",")] if args.orders else None
         table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
-                              only, orders, args.html, args.user_modules)
+                              only, args.orders, args.html, args.user_modules, args.seeds)
         print(table)
         return 1 if failed else 0
     if args.command == "report":

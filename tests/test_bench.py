@@ -186,7 +186,7 @@ def test_report_only_runs_nothing_and_counts_what_is_left(tiny_root, tmp_path, m
     assert not failed and "0 of 2 runs finished" in table and (tmp_path / "out" / "table.md").exists()
 
 
-def test_methods_subset_runs_only_those_and_rejects_strangers(tiny_root, tmp_path, monkeypatch, caplog):
+def test_methods_orders_and_seeds_subsets_run_only_those_and_reject_strangers(tiny_root, tmp_path, monkeypatch, caplog):
     config = write(tmp_path / "tiny.toml", TINY_GRID)
     ran = []
     monkeypatch.setattr(runner, "run_experiment", lambda run: ran.append(run.method))
@@ -200,6 +200,15 @@ def test_methods_subset_runs_only_those_and_rejects_strangers(tiny_root, tmp_pat
         bench(config, tmp_path / "out", str(tiny_root), orders=[2])
     bench(config, tmp_path / "out", str(tiny_root), orders=[1])
     assert ran == ["replay", "seqlora", "replay"]
+    with pytest.raises(ValueError, match=r"seed\(s\) \[8\] are not in the grid; it has \[7\]"):
+        bench(config, tmp_path / "out", str(tiny_root), seeds=[8])
+    two_seeds = write(tmp_path / "seeds.toml", TINY_GRID.replace("seeds = [7]", "seeds = [7, 8]"))
+    monkeypatch.setattr(runner, "run_experiment", lambda run: ran.append((run.method, run.seed)))
+    assert main(["bench", str(two_seeds), "--out", str(tmp_path / "out2"), "--data", str(tiny_root),
+                 "--seeds", "8"]) == 0
+    assert ran[3:] == [("seqlora", 8), ("replay", 8)]
+    with pytest.raises(SystemExit):                     # argparse: not a list of whole numbers
+        main(["bench", str(two_seeds), "--seeds", "8,x"])
 
 
 def test_a_run_locked_by_a_live_process_is_left_and_a_dead_ones_lock_is_taken_over(tiny_root, tmp_path, monkeypatch):
