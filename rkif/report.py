@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 
 from rkif import io  # noqa: E402
 from rkif.metrics import SCORER_NAMES, plasticity  # noqa: E402
@@ -226,49 +227,72 @@ def plot_tradeoff(results: list[dict], path: Path, labels: list[str] | None = No
         return False
     colours = method_colours(len(points))
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    named = []
+    named, bars = [], []
     for colour, (label, pts) in zip(colours, points.items()):
         bwt, op = [p[0] for p in pts], [p[1] for p in pts]
         x, y = sum(bwt) / len(bwt), sum(op) / len(op)
         ax.errorbar(x, y, xerr=[[x - min(bwt)], [max(bwt) - x]], yerr=[[y - min(op)], [max(op) - y]],
                     fmt="o", color=colour, capsize=2, label=f"{label} ({len(pts)})")
         named.append((label, x, y))
+        bars += [((min(bwt), y), (max(bwt), y)), ((x, min(op)), (x, max(op)))]
     ax.margins(x=0.12, y=0.08)          # room for the names of the outermost points
     ax.set_xlabel("BWT (%)  (higher: less forgetting)")
     ax.set_ylabel("OP (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, title="runs")
     fig.tight_layout()                  # before the names: they are placed in the final layout's pixels
-    place_names(ax, named)
+    place_names(ax, named, bars=bars)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-# where a point's name may go, in points from the point, in order of preference: (dx, dy, ha, va)
+# where a point's name may go, in points from the point, in order of preference: (dx, dy, ha, va); beyond
+# NAME_NEAR a leader line joins name and point
 NAME_OFFSETS = [(4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right", "bottom"),
                 (-4, -4, "right", "top"), (0, 7, "center", "bottom"), (0, -7, "center", "top"),
                 (8, 0, "left", "center"), (-8, 0, "right", "center"), (4, 13, "left", "bottom"),
                 (4, -13, "left", "top"), (-4, 13, "right", "bottom"), (-4, -13, "right", "top")]
+NAME_NEAR = len(NAME_OFFSETS)
+NAME_OFFSETS += [(sx * r, sy * r, {1: "left", 0: "center", -1: "right"}[sx], {1: "bottom", 0: "center", -1: "top"}[sy])
+                 for r in (18, 28, 40, 56, 72)
+                 for sx, sy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
 NAME_CLEARANCE = 6     # pixels between a name and any other point
+LEADER = {"arrowstyle": "-", "color": "0.5", "lw": 0.5, "shrinkA": 0, "shrinkB": 3}
 
 
-def place_names(ax: plt.Axes, named: list[tuple[str, float, float]], fontsize: float = 7) -> list:
+def _crosses(box, bars: list[tuple[tuple[float, float], tuple[float, float]]]) -> bool:
+    """Whether the display box meets one of the axis-aligned segments ((x0, y0), (x1, y1))."""
+    for (x0, y0), (x1, y1) in bars:
+        if (min(x0, x1) <= box.x1 and max(x0, x1) >= box.x0
+                and min(y0, y1) <= box.y1 and max(y0, y1) >= box.y0):
+            return True
+    return False
+
+
+def place_names(ax: plt.Axes, named: list[tuple[str, float, float]], fontsize: float = 7,
+                bars: list[tuple[tuple[float, float], tuple[float, float]]] = ()) -> list:
     """Write each ``(name, x, y)`` beside its point, at the first of ``NAME_OFFSETS`` where it covers no name
-    written before and comes no nearer than ``NAME_CLEARANCE`` to another point (else the first offset):
-    names stay legible, and by their own point, where points crowd.
+    written before, no error bar (``bars``: segments in data coordinates), stays inside the axes and comes no
+    nearer than ``NAME_CLEARANCE`` to another point (else the first offset): names stay legible where points
+    crowd. A name placed beyond the first ring gets a thin leader line to its point.
     Returns the names' boxes in display pixels."""
     renderer = ax.figure.canvas.get_renderer()
     dots = [ax.transData.transform((x, y)) for _, x, y in named]
+    segments = [tuple(ax.transData.transform(end) for end in bar) for bar in bars]
+    frame = ax.get_window_extent(renderer)
     taken = []
     for i, (name, x, y) in enumerate(named):
         others = [d for j, d in enumerate(dots) if j != i]
         for k, (dx, dy, ha, va) in enumerate(NAME_OFFSETS + [NAME_OFFSETS[0]]):
             text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
-                               ha=ha, va=va)
-            box = text.get_window_extent(renderer)
+                               ha=ha, va=va, arrowprops=LEADER if NAME_NEAR <= k < len(NAME_OFFSETS) else None)
+            text.update_positions(renderer)
+            box = Text.get_window_extent(text, renderer)    # the name alone, not its leader line
             near = box.padded(NAME_CLEARANCE)          # a dot just beside a name reads as the name's point
-            free = not any(box.overlaps(t) for t in taken) and not any(near.contains(*d) for d in others)
+            free = (not any(box.overlaps(t) for t in taken) and not any(near.contains(*d) for d in others)
+                    and not _crosses(box, segments) and frame.contains(box.x0, box.y0)
+                    and frame.contains(box.x1, box.y1))
             if free or k == len(NAME_OFFSETS):
                 break
             text.remove()

@@ -63,3 +63,24 @@ def test_names_of_crowded_points_do_not_cover_each_other():
     assert not any(box.padded(report.NAME_CLEARANCE).contains(*dot)
                    for i, box in enumerate(boxes) for j, dot in enumerate(dots) if i != j)
     report.plt.close(fig)
+
+
+def test_names_keep_off_error_bars_and_far_names_get_a_leader_line():
+    """Eight points in a cluster, each with error bars across it (as the R-KIF presets on the MiniLM grid):
+    no name covers a bar, another name or another point, and a name moved off its point is joined to it."""
+    fig, ax = report.plt.subplots(figsize=(7.5, 5))
+    named = [(f"rkif-variant-{i}", 0.4 * (i % 4), 60 + 0.8 * (i // 4)) for i in range(8)]
+    bars = [b for _, x, y in named for b in (((x - 3, y), (x + 3, y)), ((x, y - 2), (x, y + 2)))]
+    ax.plot([x for _, x, _ in named], [y for _, _, y in named], "o")
+    ax.set_xlim(-50, 25)
+    ax.set_ylim(35, 67)
+    boxes = report.place_names(ax, named, bars=bars)
+    segments = [tuple(ax.transData.transform(end) for end in bar) for bar in bars]
+    assert not any(report._crosses(box, segments) for box in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    dots = [ax.transData.transform((x, y)) for _, x, y in named]
+    assert not any(box.padded(report.NAME_CLEARANCE).contains(*dot)
+                   for i, box in enumerate(boxes) for j, dot in enumerate(dots) if i != j)
+    leaders = [t for t in ax.texts if t.arrow_patch is not None]
+    assert leaders and all(abs(t.get_position()[0]) >= 18 for t in leaders)   # only names placed far off
+    report.plt.close(fig)
