@@ -65,6 +65,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 logger = logging.getLogger(__name__)
+DEFAULT_SEEDS = [42]         # a grid without a ``seeds`` key
 GRID_KEYS = {"name", "benchmark", "orders", "seeds", "methods", "run", "backbone", "method_options", "variants",
              "reference", "user_modules"}
 VARIANT_KEYS = {"method", "options", "run", "paper"}
@@ -87,7 +88,7 @@ def load_grid(path: Path, user_modules: Sequence[str] = ()) -> dict:
         if key not in grid:
             raise ValueError(f"{path}: missing {key!r}")
     for key, kind in (("methods", str), ("orders", int), ("seeds", int)):
-        value = grid.get(key, [42])
+        value = grid.get(key, DEFAULT_SEEDS)
         if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
             raise ValueError(f"{path}: {key!r} must be a non-empty list of {kind.__name__}")
     modules = grid.get("user_modules", [])
@@ -222,7 +223,7 @@ def grid_runs(grid: dict, out: Path, data: str | None = None) -> list[RunConfig]
     for name in grid["methods"]:
         method, options, run_settings = _entry(grid, name)
         for order in grid["orders"]:
-            for seed in grid.get("seeds", [42]):
+            for seed in grid.get("seeds", DEFAULT_SEEDS):
                 settings = {**run_settings, "method": method, "order": order, "seed": seed,
                             "benchmark": benchmark, "resume": True, "user_modules": list(grid.get("user_modules", [])),
                             "method_options": dict(options),
@@ -297,13 +298,12 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     unknown = sorted(set(methods or []) - set(grid["methods"]))
     if unknown:
         raise ValueError(f"{config_path}: method(s) {unknown} are not in the grid; it has {grid['methods']}")
-    for key, chosen in (("orders", orders), ("seeds", seeds)):
-        strangers = sorted(set(chosen or []) - set(grid.get(key, [42])))
-        if strangers:
-            raise ValueError(f"{config_path}: {key[:-1]}(s) {strangers} are not in the grid; "
-                             f"it has {grid.get(key, [42])}")
     out = out or Path("benchmarks/results") / grid["name"]
     runs = grid_runs(grid, out, data)
+    for key, chosen, grid_has in (("order", orders, {r.order for r in runs}), ("seed", seeds, {r.seed for r in runs})):
+        strangers = sorted(set(chosen or []) - grid_has)
+        if strangers:
+            raise ValueError(f"{config_path}: {key}(s) {strangers} are not in the grid; it has {sorted(grid_has)}")
     selected = [r for r in runs
                 if (methods is None or run_label(r) in methods) and (orders is None or r.order in orders)
                 and (seeds is None or r.seed in seeds)]

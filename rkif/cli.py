@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--report", action="store_true", help="only write the table and plots of finished runs")
     bench_p.add_argument("--html", action="store_true",
                          help="also report.html beside table.md: one self-contained page, readable offline")
-    bench_p.add_argument("--methods", default=None,
+    bench_p.add_argument("--methods", default=None, type=_names,
                          help="comma-separated subset of the grid's methods to run (the table covers the whole grid)")
     bench_p.add_argument("--orders", default=None, type=comma_ints,
                          help="comma-separated subset of the grid's orders to run")
@@ -330,9 +330,8 @@ def _command(args: argparse.Namespace) -> int:
         return _run(resumed(config_from_args(args), args.given))
     if args.command == "bench":
         from rkif.bench import bench
-        only = args.methods.split(",") if args.methods else None
         table, failed = bench(Path(args.config), Path(args.out) if args.out else None, args.data, args.report,
-                              only, args.orders, args.html, args.user_modules, args.seeds)
+                              args.methods, args.orders, args.html, args.user_modules, args.seeds)
         print(table)
         return 1 if failed else 0
     if args.command == "report":

@@ -8,6 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.path import Path as PlotPath  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 from rkif import io  # noqa: E402
@@ -254,49 +256,51 @@ NAME_OFFSETS = [(4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right
                 (8, 0, "left", "center"), (-8, 0, "right", "center"), (4, 13, "left", "bottom"),
                 (4, -13, "left", "top"), (-4, 13, "right", "bottom"), (-4, -13, "right", "top")]
 NAME_NEAR = len(NAME_OFFSETS)
-NAME_OFFSETS += [(sx * r, sy * r, {1: "left", 0: "center", -1: "right"}[sx], {1: "bottom", 0: "center", -1: "top"}[sy])
-                 for r in (18, 28, 40, 56, 72)
+_SIDE_X, _SIDE_Y = {1: "left", 0: "center", -1: "right"}, {1: "bottom", 0: "center", -1: "top"}
+NAME_OFFSETS += [(sx * r, sy * r, _SIDE_X[sx], _SIDE_Y[sy]) for r in (18, 28, 40, 56, 72)
                  for sx, sy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
 NAME_CLEARANCE = 6     # pixels between a name and any other point
 LEADER = {"arrowstyle": "-", "color": "0.5", "lw": 0.5, "shrinkA": 0, "shrinkB": 3}
 
 
-def _crosses(box, bars: list[tuple[tuple[float, float], tuple[float, float]]]) -> bool:
-    """Whether the display box meets one of the axis-aligned segments ((x0, y0), (x1, y1))."""
-    for (x0, y0), (x1, y1) in bars:
-        if (min(x0, x1) <= box.x1 and max(x0, x1) >= box.x0
-                and min(y0, y1) <= box.y1 and max(y0, y1) >= box.y0):
-            return True
-    return False
+def _crosses(box, segments: list[tuple[tuple[float, float], tuple[float, float]]]) -> bool:
+    """Whether the display box meets one of the segments ((x0, y0), (x1, y1)), in display pixels too."""
+    return any(PlotPath(segment).intersects_bbox(box) for segment in segments)
 
 
 def place_names(ax: plt.Axes, named: list[tuple[str, float, float]], fontsize: float = 7,
                 bars: list[tuple[tuple[float, float], tuple[float, float]]] = ()) -> list:
     """Write each ``(name, x, y)`` beside its point, at the first of ``NAME_OFFSETS`` where it covers no name
-    written before, no error bar (``bars``: segments in data coordinates), stays inside the axes and comes no
-    nearer than ``NAME_CLEARANCE`` to another point (else the first offset): names stay legible where points
-    crowd. A name placed beyond the first ring gets a thin leader line to its point.
-    Returns the names' boxes in display pixels."""
+    or leader line written before and no error bar (``bars``: segments in data coordinates), stays inside the
+    axes and comes no nearer than ``NAME_CLEARANCE`` to another point (else the first offset): names stay
+    legible where points crowd. A name placed beyond the first ``NAME_NEAR`` offsets gets a thin leader line
+    to its point, itself clear of the other names. Returns the names' boxes in display pixels."""
     renderer = ax.figure.canvas.get_renderer()
     dots = [ax.transData.transform((x, y)) for _, x, y in named]
     segments = [tuple(ax.transData.transform(end) for end in bar) for bar in bars]
     frame = ax.get_window_extent(renderer)
-    taken = []
+    taken, leaders = [], []
     for i, (name, x, y) in enumerate(named):
         others = [d for j, d in enumerate(dots) if j != i]
         for k, (dx, dy, ha, va) in enumerate(NAME_OFFSETS + [NAME_OFFSETS[0]]):
+            far = NAME_NEAR <= k < len(NAME_OFFSETS)
             text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
-                               ha=ha, va=va, arrowprops=LEADER if NAME_NEAR <= k < len(NAME_OFFSETS) else None)
+                               ha=ha, va=va, arrowprops=LEADER if far else None)
             text.update_positions(renderer)
             box = Text.get_window_extent(text, renderer)    # the name alone, not its leader line
             near = box.padded(NAME_CLEARANCE)          # a dot just beside a name reads as the name's point
-            free = (not any(box.overlaps(t) for t in taken) and not any(near.contains(*d) for d in others)
-                    and not _crosses(box, segments) and frame.contains(box.x0, box.y0)
-                    and frame.contains(box.x1, box.y1))
-            if free or k == len(NAME_OFFSETS):
+            leader = (dots[i], np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])) if far else None
+            blocked = (any(box.overlaps(t) for t in taken) or any(near.contains(*d) for d in others)
+                       or _crosses(box, segments + leaders) or not frame.contains(box.x0, box.y0)
+                       or not frame.contains(box.x1, box.y1))
+            if leader is not None:          # it may cross a crowd of points, never a name
+                blocked = blocked or any(_crosses(t, [leader]) for t in taken)
+            if not blocked or k == len(NAME_OFFSETS):
                 break
             text.remove()
         taken.append(box)
+        if leader is not None:
+            leaders.append(leader)
     return taken
 
 

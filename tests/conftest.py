@@ -29,7 +29,6 @@ def benchmark_script(name: str) -> ModuleType:
     return module
 
 
-
 @pytest.fixture(autouse=True)
 def _cpu_unless_a_cuda_test(request, monkeypatch):
     """Tests compare the Trainer with plain CPU loops: on a GPU machine they train on the CPU too

@@ -186,7 +186,8 @@ def test_report_only_runs_nothing_and_counts_what_is_left(tiny_root, tmp_path, m
     assert not failed and "0 of 2 runs finished" in table and (tmp_path / "out" / "table.md").exists()
 
 
-def test_methods_orders_and_seeds_subsets_run_only_those_and_reject_strangers(tiny_root, tmp_path, monkeypatch, caplog):
+def test_methods_orders_and_seeds_subsets_run_only_those_and_reject_strangers(tiny_root, tmp_path, monkeypatch, caplog,
+                                                                              capsys):
     config = write(tmp_path / "tiny.toml", TINY_GRID)
     ran = []
     monkeypatch.setattr(runner, "run_experiment", lambda run: ran.append(run.method))
@@ -207,8 +208,11 @@ def test_methods_orders_and_seeds_subsets_run_only_those_and_reject_strangers(ti
     assert main(["bench", str(two_seeds), "--out", str(tmp_path / "out2"), "--data", str(tiny_root),
                  "--seeds", "8"]) == 0
     assert ran[3:] == [("seqlora", 8), ("replay", 8)]
-    with pytest.raises(SystemExit):                     # argparse: not a list of whole numbers
+    with pytest.raises(SystemExit) as stop:              # argparse: not a list of whole numbers
         main(["bench", str(two_seeds), "--seeds", "8,x"])
+    assert stop.value.code == 2 and "--seeds: '8,x': expected whole numbers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"method\(s\) \[''\] are not in the grid"):
+        bench(config, tmp_path / "out", str(tiny_root), methods=[""])
 
 
 def test_a_run_locked_by_a_live_process_is_left_and_a_dead_ones_lock_is_taken_over(tiny_root, tmp_path, monkeypatch):

@@ -67,7 +67,8 @@ def test_names_of_crowded_points_do_not_cover_each_other():
 
 def test_names_keep_off_error_bars_and_far_names_get_a_leader_line():
     """Eight points in a cluster, each with error bars across it (as the R-KIF presets on the MiniLM grid):
-    no name covers a bar, another name or another point, and a name moved off its point is joined to it."""
+    no name covers a bar, another name, another name's leader line or another point, every name stays inside
+    the axes, and a name moved off its point is joined to it by a leader that crosses no other name."""
     fig, ax = report.plt.subplots(figsize=(7.5, 5))
     named = [(f"rkif-variant-{i}", 0.4 * (i % 4), 60 + 0.8 * (i // 4)) for i in range(8)]
     bars = [b for _, x, y in named for b in (((x - 3, y), (x + 3, y)), ((x, y - 2), (x, y + 2)))]
@@ -75,12 +76,17 @@ def test_names_keep_off_error_bars_and_far_names_get_a_leader_line():
     ax.set_xlim(-50, 25)
     ax.set_ylim(35, 67)
     boxes = report.place_names(ax, named, bars=bars)
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
     segments = [tuple(ax.transData.transform(end) for end in bar) for bar in bars]
-    assert not any(report._crosses(box, segments) for box in boxes)
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     dots = [ax.transData.transform((x, y)) for _, x, y in named]
+    leaders = [(i, t.arrow_patch.get_path().transformed(t.arrow_patch.get_transform())) for i, t in enumerate(ax.texts)
+               if t.arrow_patch is not None]
+    assert not any(report._crosses(box, segments) for box in boxes)
+    assert all(frame.contains(b.x0, b.y0) and frame.contains(b.x1, b.y1) for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert not any(box.padded(report.NAME_CLEARANCE).contains(*dot)
                    for i, box in enumerate(boxes) for j, dot in enumerate(dots) if i != j)
-    leaders = [t for t in ax.texts if t.arrow_patch is not None]
-    assert leaders and all(abs(t.get_position()[0]) >= 18 for t in leaders)   # only names placed far off
+    assert leaders and all(max(map(abs, ax.texts[i].get_position())) >= 18 for i, _ in leaders)  # far names only
+    assert not any(line.intersects_bbox(box) for i, line in leaders for j, box in enumerate(boxes) if i != j)
     report.plt.close(fig)
