@@ -295,15 +295,14 @@ def bench(config_path: Path, out: Path | None = None, data: str | None = None,
     from rkif.runner import run_experiment
 
     grid = load_grid(config_path, user_modules)
-    unknown = sorted(set(methods or []) - set(grid["methods"]))
-    if unknown:
-        raise ValueError(f"{config_path}: method(s) {unknown} are not in the grid; it has {grid['methods']}")
     out = out or Path("benchmarks/results") / grid["name"]
     runs = grid_runs(grid, out, data)
-    for key, chosen, grid_has in (("order", orders, {r.order for r in runs}), ("seed", seeds, {r.seed for r in runs})):
-        strangers = sorted(set(chosen or []) - grid_has)
+    for key, chosen, of_run in (("method", methods, run_label), ("order", orders, lambda r: r.order),
+                                ("seed", seeds, lambda r: r.seed)):
+        grid_has = list(dict.fromkeys(map(of_run, runs)))         # in the grid's order
+        strangers = sorted(set(chosen or []) - set(grid_has))
         if strangers:
-            raise ValueError(f"{config_path}: {key}(s) {strangers} are not in the grid; it has {sorted(grid_has)}")
+            raise ValueError(f"{config_path}: {key}(s) {strangers} are not in the grid; it has {grid_has}")
     selected = [r for r in runs
                 if (methods is None or run_label(r) in methods) and (orders is None or r.order in orders)
                 and (seeds is None or r.seed in seeds)]

@@ -9,6 +9,7 @@ import pytest
 from rkif.bench import bench, grid_runs, load_grid, run_label
 from rkif.metrics import backward_transfer, overall_performance, plasticity
 from rkif.report import grid_table, just_trained, paired_difference, paired_table, t_quantile_975
+from tests.conftest import BENCHMARKS
 
 VARIANTS = """
 name = "controls"
@@ -163,7 +164,7 @@ def test_bench_report_labels_variants_and_adds_the_paired_table(tmp_path, monkey
 
 
 def test_the_committed_control_and_budget_grids_load():
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    root = BENCHMARKS
     controls = grid_runs(load_grid(root / "rkif_controls.toml"), Path("out"))
     assert len(controls) == 7 * 3 * 3 and {r.method for r in controls} == {"rkif", "rkif-ki"}
     assert {run_label(r): r.method_options for r in controls}["rkif-outer-decay"] == {"outer_lr_schedule": "trainer"}

@@ -13,8 +13,7 @@ from rkif import runner
 from rkif.bench import load_grid
 from rkif.cli import build_parser, config_from_args, main, parse_args
 from rkif.config import RunConfig
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import BENCHMARKS
 
 
 @pytest.fixture
