@@ -309,6 +309,7 @@ MATRIX_CAPTION = "score of each task (rows) after each training stage (columns)"
 ROUNDS_CAPTION = "Recurrent-KIF: knowledge identification per fusion round"
 FINAL_CAPTION = "final score per task"
 TRADEOFF_CAPTION = "OP against BWT: mean over each entry's runs, bars from min to max"
+PAIRED_CAPTION = "each entry minus the same (order, seed) run of"
 
 
 def report(paths: list[Path], out: Path | None = None, html: bool = False) -> str:
@@ -442,31 +443,70 @@ def paired_difference(values: list[float], reference: list[float]) -> tuple[floa
     return mean, t_quantile_975(n - 1) * sd / n**0.5
 
 
-def paired_table(results: list[dict], reference: str) -> str:
-    """Each entry minus ``reference`` on the same (order, seed): mean difference of OP, BWT and
-    plasticity in points with its 95 % t interval over the pairs both have finished."""
-    metrics = (("OP", lambda r: r["op"]), ("BWT", lambda r: r["bwt"]), ("just trained", just_trained))
+PAIRED_METRICS = (("OP", lambda r: r["op"]), ("BWT", lambda r: r["bwt"]), ("just trained", just_trained))
+
+
+def paired_differences(results: list[dict], reference: str) -> dict[str, tuple[int, list]]:
+    """Each entry minus ``reference`` on the same (order, seed), over the pairs both have finished: per entry,
+    the number of pairs and, per ``PAIRED_METRICS``, (mean difference in points, 95 % t half-width or None
+    for one pair), or None where no pair has that metric."""
     by_key = {(r["method"], r["order"], r["config"]["seed"]): r for r in results}
     ref_keys = {k[1:] for k in by_key if k[0] == reference}
-    lines = [f"Paired differences to {reference} (points; mean [95 % t interval] over the (order, seed) pairs both "
-             "finished):", "",
-             "| method | pairs | " + " | ".join(f"Δ {name}" for name, _ in metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
+    out = {}
     for m in dict.fromkeys(r["method"] for r in results):
         if m == reference:
             continue
         keys = sorted(k[1:] for k in by_key if k[0] == m and k[1:] in ref_keys)
         cells = []
-        for _, get in metrics:
+        for _, get in PAIRED_METRICS:
             pairs = [(get(by_key[(m, *k)]), get(by_key[(reference, *k)])) for k in keys]
             pairs = [(100 * a, 100 * b) for a, b in pairs if a is not None and b is not None]
-            if not pairs:
-                cells.append("-")
-                continue
-            mean, half = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
-            cells.append(f"{mean:+.1f}" if half is None else f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]")
-        lines.append(f"| {m} | {len(keys)} | " + " | ".join(cells) + " |")
+            cells.append(paired_difference([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None)
+        out[m] = (len(keys), cells)
+    return out
+
+
+def paired_table(results: list[dict], reference: str) -> str:
+    """``paired_differences`` as markdown: mean [95 % t interval] in points per entry and metric."""
+    lines = [f"Paired differences to {reference} (points; mean [95 % t interval] over the (order, seed) pairs both "
+             "finished):", "",
+             "| method | pairs | " + " | ".join(f"Δ {name}" for name, _ in PAIRED_METRICS) + " |",
+             "|---|---|" + "---|" * len(PAIRED_METRICS)]
+    for m, (n, cells) in paired_differences(results, reference).items():
+        text = ["-" if c is None else f"{c[0]:+.1f}" if c[1] is None else f"{c[0]:+.1f} [{c[0] - c[1]:+.1f}, "
+                f"{c[0] + c[1]:+.1f}]" for c in cells]
+        lines.append(f"| {m} | {n} | " + " | ".join(text) + " |")
     return "\n".join(lines)
+
+
+def plot_paired_differences(results: list[dict], reference: str, path: Path) -> bool:
+    """One panel per ``PAIRED_METRICS``: each entry's mean difference to ``reference`` (dot) and its 95 % t
+    interval (bar; none for one pair), a line at 0. False (no file) when no entry has a pair."""
+    diffs = {m: v for m, v in paired_differences(results, reference).items() if v[0]}
+    if not diffs:
+        return False
+    names = list(diffs)
+    y = np.arange(len(names))[::-1]                          # the table's order, top to bottom
+    colours = method_colours(len(names))
+    fig, axes = plt.subplots(1, len(PAIRED_METRICS), sharey=True, figsize=(3.2 * len(PAIRED_METRICS) + 1.5,
+                                                                         0.45 * len(names) + 1.4))
+    for k, (ax, (metric, _)) in enumerate(zip(axes, PAIRED_METRICS)):
+        ax.axvline(0, color="grey", lw=0.8)
+        for yi, name, colour in zip(y, names, colours):
+            cell = diffs[name][1][k]
+            if cell is not None:
+                ax.errorbar(cell[0], yi, xerr=None if cell[1] is None else cell[1], fmt="o", color=colour,
+                            capsize=3)
+        ax.set_xlabel(f"Δ {metric} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [f"{n} ({diffs[n][0]})" for n in names])
+    axes[0].set_ylim(-0.7, len(names) - 0.3)
+    fig.suptitle(f"each entry minus {reference} on the same (order, seed): mean and 95 % t interval; "
+                 "(n): pairs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None = None,
@@ -497,6 +537,8 @@ def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None 
         plot_final_accuracy([r for r in results if r["order"] == order], figures[-1][0])
     if plot_tradeoff(results, plots / "op_vs_bwt.png"):
         figures.append((plots / "op_vs_bwt.png", TRADEOFF_CAPTION))
+    if reference and plot_paired_differences(results, reference, plots / "paired_differences.png"):
+        figures.append((plots / "paired_differences.png", f"{PAIRED_CAPTION} {reference}"))
     table = grid_table(results, benchmark, paper_rows) if results else "(no finished runs yet)"
     if reference and results:
         table += "\n\n" + paired_table(results, reference)

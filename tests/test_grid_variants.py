@@ -172,3 +172,20 @@ def test_the_committed_control_and_budget_grids_load():
     assert sorted((r.method, r.epochs) for r in budget) == sorted(
         [("replay", 3.0), ("vrmcl", 3.0)] + [(m, 10.0) for m in ("rkif", "rkif-ki", "replay", "vrmcl")])
     assert all(run_label(r) == f"{r.method}-e{int(r.epochs)}" and r.order == 1 for r in budget)
+
+
+def test_paired_differences_plot_has_one_row_per_paired_entry(tmp_path):
+    from rkif.report import paired_differences, plot_paired_differences
+
+    ref = [_result("rkif", 1, s, _acc(0.6, 0.7)) for s in (1, 2)]
+    ki = [_result("rkif-ki", 1, s, _acc(0.6 + d, 0.7)) for s, d in ((1, 0.02), (2, 0.06))]
+    unpaired = [_result("random", 3, 1, _acc(0.5, 0.9))]
+    diffs = paired_differences(ref + ki + unpaired, "rkif")
+    assert diffs["random"] == (0, [None, None, None])
+    n, (op, bwt, plast) = diffs["rkif-ki"]
+    assert n == 2 and op[0] == pytest.approx(2.0) and bwt[0] == pytest.approx(4.0) and plast == (0.0, 0.0)
+    assert bwt[1] == pytest.approx(12.7062 * 2)           # diffs 2, 6: sd 2 * 2**0.5, over sqrt(2) pairs: 2
+    path = tmp_path / "paired.png"
+    assert plot_paired_differences(ref + ki + unpaired, "rkif", path) and path.stat().st_size > 0
+    assert not plot_paired_differences(ref + unpaired, "rkif", tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
