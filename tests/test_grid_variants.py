@@ -174,7 +174,7 @@ def test_the_committed_control_and_budget_grids_load():
     assert all(run_label(r) == f"{r.method}-e{int(r.epochs)}" and r.order == 1 for r in budget)
 
 
-def test_paired_differences_plot_has_one_row_per_paired_entry(tmp_path):
+def test_paired_differences_and_their_plot(tmp_path):
     from rkif.report import paired_differences, plot_paired_differences
 
     ref = [_result("rkif", 1, s, _acc(0.6, 0.7)) for s in (1, 2)]
