@@ -219,13 +219,15 @@ def plot_rounds(r: dict, path: Path, title: str | None = None) -> bool:
 
 def plot_tradeoff(results: list[dict], path: Path, labels: list[str] | None = None) -> bool:
     """OP against BWT, one point per label (mean over its finished runs, bars: min to max): the trade-off
-    between keeping old tasks and overall accuracy at a glance."""
+    between keeping old tasks and overall accuracy at a glance. False (and no file at ``path``) without
+    a run with both."""
     labels = labels or [r["method"] for r in results]
     points: dict[str, list[tuple[float, float]]] = {}
     for label, r in zip(labels, results):
         if r.get("op") is not None and r.get("bwt") is not None:
             points.setdefault(label, []).append((100 * r["bwt"], 100 * r["op"]))
     if not points:
+        path.unlink(missing_ok=True)                         # no stale figure from an earlier report
         return False
     colours = method_colours(len(points))
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -481,9 +483,10 @@ def paired_table(results: list[dict], reference: str) -> str:
 
 def plot_paired_differences(results: list[dict], reference: str, path: Path) -> bool:
     """One panel per ``PAIRED_METRICS``: each entry's mean difference to ``reference`` (dot) and its 95 % t
-    interval (bar; none for one pair), a line at 0. False (no file) when no entry has a pair."""
+    interval (bar; none for one pair), a line at 0. False (and no file at ``path``) when no entry has a pair."""
     diffs = {m: v for m, v in paired_differences(results, reference).items() if v[0]}
     if not diffs:
+        path.unlink(missing_ok=True)                         # no stale figure from an earlier report
         return False
     names = list(diffs)
     y = np.arange(len(names))[::-1]                          # the table's order, top to bottom
