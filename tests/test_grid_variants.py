@@ -166,7 +166,7 @@ def test_bench_report_labels_variants_and_adds_the_paired_table(tmp_path, monkey
 def test_the_committed_control_and_budget_grids_load():
     root = BENCHMARKS
     controls = grid_runs(load_grid(root / "rkif_controls.toml"), Path("out"))
-    assert len(controls) == 7 * 3 * 3 and {r.method for r in controls} == {"rkif", "rkif-ki"}
+    assert len(controls) == 8 * 3 * 3 and {r.method for r in controls} == {"rkif", "rkif-ki", "vrmcl"}
     assert {run_label(r): r.method_options for r in controls}["rkif-outer-decay"] == {"outer_lr_schedule": "trainer"}
     budget = grid_runs(load_grid(root / "budget.toml"), Path("out"))   # the points no other grid has
     assert sorted((r.method, r.epochs) for r in budget) == sorted(
