@@ -219,8 +219,8 @@ def plot_rounds(r: dict, path: Path, title: str | None = None) -> bool:
 
 def plot_tradeoff(results: list[dict], path: Path, labels: list[str] | None = None) -> bool:
     """OP against BWT, one point per label (mean over its finished runs, bars: min to max): the trade-off
-    between keeping old tasks and overall accuracy at a glance. False (and no file at ``path``) without
-    a run with both."""
+    between keeping old tasks and overall accuracy at a glance. False (and no file at ``path``) when no run
+    has both OP and BWT."""
     labels = labels or [r["method"] for r in results]
     points: dict[str, list[tuple[float, float]]] = {}
     for label, r in zip(labels, results):
@@ -512,6 +512,13 @@ def plot_paired_differences(results: list[dict], reference: str, path: Path) -> 
     return True
 
 
+def seeded_labels(results: list[dict]) -> list[str]:
+    """Each run's method, with its seed (``rkif s42``) where the runs hold several seeds, so a legend tells
+    them apart."""
+    several = len({r["config"]["seed"] for r in results}) > 1
+    return [f"{r['method']} s{r['config']['seed']}" if several else r["method"] for r in results]
+
+
 def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None = None,
                 reference: str | None = None, html: bool = False, title: str | None = None,
                 paper_rows: dict[str, str] | None = None) -> str:
@@ -537,7 +544,8 @@ def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None 
     figures = []
     for order in sorted({r["order"] for r in results}):
         figures.append((plots / f"final_accuracy_order{order}.png", f"{FINAL_CAPTION}, order {order}"))
-        plot_final_accuracy([r for r in results if r["order"] == order], figures[-1][0])
+        same_order = [r for r in results if r["order"] == order]
+        plot_final_accuracy(same_order, figures[-1][0], seeded_labels(same_order))
     if plot_tradeoff(results, plots / "op_vs_bwt.png"):
         figures.append((plots / "op_vs_bwt.png", TRADEOFF_CAPTION))
     if reference and plot_paired_differences(results, reference, plots / "paired_differences.png"):

@@ -189,3 +189,11 @@ def test_paired_differences_and_their_plot(tmp_path):
     assert plot_paired_differences(ref + ki + unpaired, "rkif", path) and path.stat().st_size > 0
     assert not plot_paired_differences(ref + unpaired, "rkif", path)
     assert not path.exists()                              # the earlier figure is not left behind
+
+
+def test_final_accuracy_legends_name_the_seed_where_a_grid_has_several():
+    from rkif.report import seeded_labels
+
+    seeded = [_result("rkif", 2, s, _acc(0.6, 0.7)) for s in (42, 43)]
+    assert seeded_labels(seeded) == ["rkif s42", "rkif s43"]
+    assert seeded_labels(seeded[:1] + [_result("replay", 2, 42, _acc(0.6, 0.7))]) == ["rkif", "replay"]

@@ -36,6 +36,8 @@ def test_op_against_bwt_needs_runs_with_both(tmp_path):
     assert not (tmp_path / "none.png").exists()
     assert report.plot_tradeoff([fake_run("a"), fake_run("a", op=0.6), fake_run("b")], tmp_path / "t.png")
     assert (tmp_path / "t.png").exists()
+    assert not report.plot_tradeoff([fake_run("mtl", bwt=None)], tmp_path / "t.png")
+    assert not (tmp_path / "t.png").exists()                 # the earlier figure is not left behind
 
 
 def test_rounds_plot_marks_each_new_task(tmp_path, monkeypatch):
