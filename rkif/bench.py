@@ -9,7 +9,8 @@ A grid is a small TOML file::
     methods = ["seqlora", "replay", "rkif"]
     user_modules = ["my_method.py"]   # optional: .py files or dotted modules registering your own methods
                                       # (paths relative to the working directory, as --user-module's)
-    reference = "rkif"                # optional: the table adds paired differences to this entry
+    reference = "rkif"                # optional: the table adds paired differences to this entry (or to
+                                      # each of a list: ["rkif", "rkif-ki"])
     [run]                             # RunConfig fields shared by every run
     train_size = 500                  # or "all" (every example), as test_size
     [backbone]                        # BackboneConfig fields
@@ -116,10 +117,21 @@ def load_grid(path: Path, user_modules: Sequence[str] = ()) -> dict:
         stray = set(grid.get(section, {})) - set(grid["methods"])
         if stray:
             raise ValueError(f"{path}: [{section}] for methods not in the grid: {sorted(stray)}")
-    if "reference" in grid and grid["reference"] not in grid["methods"]:
-        raise ValueError(f"{path}: reference {grid['reference']!r} is not in the grid's methods {grid['methods']}")
+    grid["reference"] = _references(path, grid)
     _check_values(grid, path)               # every run's settings and method options: fail now, not hours in
     return grid
+
+
+def _references(path: Path, grid: dict) -> list[str]:
+    """The grid's ``reference``: one entry or a list of them, each a name in ``methods``, as a list."""
+    refs = grid.get("reference", [])
+    refs = [refs] if isinstance(refs, str) else refs
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs) or len(set(refs)) < len(refs):
+        raise ValueError(f"{path}: 'reference' must be an entry of 'methods' or a list of distinct ones")
+    for ref in refs:
+        if ref not in grid["methods"]:
+            raise ValueError(f"{path}: reference {ref!r} is not in the grid's methods {grid['methods']}")
+    return refs
 
 
 def _check_variants(path: Path, grid: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -520,13 +521,14 @@ def seeded_labels(results: list[dict]) -> list[str]:
 
 
 def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None = None,
-                reference: str | None = None, html: bool = False, title: str | None = None,
+                reference: str | Sequence[str] = (), html: bool = False, title: str | None = None,
                 paper_rows: dict[str, str] | None = None) -> str:
     """table.md, per-run heatmaps and per-order final-accuracy plots of a grid's finished runs.
 
     ``labels``: each run's name in the grid (a variant's name; default the method's); ``paper_rows``: the
     paper's row each such name is read against, where it is not the name itself (``grid_table``). With
-    ``reference``, table.md adds the paired differences of every entry to that one. With ``html``,
+    ``reference`` (an entry, or several), table.md adds the paired differences of every entry to each, and
+    plots/ draws them (``paired_differences.png`` for the first, ``paired_differences_<entry>.png``). With ``html``,
     also report.html (``rkif.html_report``), titled ``title`` (default: the folder's name).
     """
     results = [io.read_json(r.output_dir / "results.json") for r in runs]
@@ -548,11 +550,14 @@ def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None 
         plot_final_accuracy(same_order, figures[-1][0], seeded_labels(same_order))
     if plot_tradeoff(results, plots / "op_vs_bwt.png"):
         figures.append((plots / "op_vs_bwt.png", TRADEOFF_CAPTION))
-    if reference and plot_paired_differences(results, reference, plots / "paired_differences.png"):
-        figures.append((plots / "paired_differences.png", f"{PAIRED_CAPTION} {reference}"))
+    references = [reference] if isinstance(reference, str) else list(reference)
+    for k, ref in enumerate(references):
+        path = plots / ("paired_differences.png" if k == 0 else f"paired_differences_{_file_name(ref)}.png")
+        if plot_paired_differences(results, ref, path):
+            figures.append((path, f"{PAIRED_CAPTION} {ref}"))
     table = grid_table(results, benchmark, paper_rows) if results else "(no finished runs yet)"
-    if reference and results:
-        table += "\n\n" + paired_table(results, reference)
+    for ref in references if results else ():
+        table += "\n\n" + paired_table(results, ref)
     io.write_text(out / "table.md", table + "\n")
     if html:
         from rkif.html_report import write_html

@@ -61,6 +61,9 @@ def test_a_variant_is_a_method_with_options_and_run_settings_under_its_own_name(
     ('[variants.x]\nmethod = "rkif"\nrun = { seed = 3 }\n', "may not set ['seed']"),
     ('[variants.y]\nmethod = "rkif"\n', "[variants] for methods not in the grid: ['y']"),
     ('reference = "seqlora"\n', "reference 'seqlora' is not in the grid"),
+    ('reference = ["rkif", "seqlora"]\n', "reference 'seqlora' is not in the grid"),
+    ('reference = ["rkif", "rkif"]\n', "'reference' must be an entry of 'methods' or a list of distinct ones"),
+    ('reference = 1\n', "'reference' must be an entry"),
     ('[variants.x]\nmethod = "rkif"\npaper = "rkif2"\n', "paper = 'rkif2': expected the method whose row"),
 ])
 def test_bad_variants_are_refused_naming_the_file_and_the_entry(tmp_path, extra, fault):
@@ -161,6 +164,27 @@ def test_bench_report_labels_variants_and_adds_the_paired_table(tmp_path, monkey
     _, _ = bench(config, out, report_only=True, methods=["random"])                    # a variant name selects
     with pytest.raises(ValueError, match="not in the grid"):
         bench(config, out, report_only=True, methods=["rkif-random"])
+
+
+def test_several_references_give_one_paired_table_and_plot_each(tmp_path, monkeypatch):
+    from rkif import runner
+
+    monkeypatch.setattr(runner, "run_experiment", lambda run: None)
+    config = write(tmp_path / "g.toml", VARIANTS.replace('reference = "rkif"', 'reference = ["rkif", "long"]'))
+    out = tmp_path / "out"
+    for name, bump in (("rkif", 0.0), ("random", -0.1), ("long", 0.05)):
+        for order, seed in ((1, 1), (2, 2)):
+            run_dir = out / "runs" / name / f"order{order}-seed{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "results.json").write_text(json.dumps(_result(name, order, seed, _acc(0.6 + bump, 0.7))))
+    table, _ = bench(config, out, report_only=True)
+    to_rkif, to_long = table.split("Paired differences to rkif ")[1].split("Paired differences to long ")
+    assert _row(to_rkif, "random")[2] == "-5.0 [-5.0, -5.0]" and _row(to_rkif, "long")[2] == "+2.5 [+2.5, +2.5]"
+    assert _row(to_long, "random")[2] == "-7.5 [-7.5, -7.5]" and _row(to_long, "rkif")[2] == "-2.5 [-2.5, -2.5]"
+    assert "| long |" not in to_long
+    plots = out / "plots"
+    assert (plots / "paired_differences.png").stat().st_size > 0
+    assert (plots / "paired_differences_long.png").stat().st_size > 0
 
 
 def test_the_committed_control_and_budget_grids_load():
