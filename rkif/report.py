@@ -470,12 +470,15 @@ def paired_differences(results: list[dict], reference: str) -> dict[str, tuple[i
 
 
 def paired_table(results: list[dict], reference: str) -> str:
-    """``paired_differences`` as markdown: mean [95 % t interval] in points per entry and metric."""
+    """``paired_differences`` as markdown: mean [95 % t interval] in points per entry and metric (entries
+    with no pair left out)."""
     lines = [f"Paired differences to {reference} (points; mean [95 % t interval] over the (order, seed) pairs both "
              "finished):", "",
              "| method | pairs | " + " | ".join(f"Δ {name}" for name, _ in PAIRED_METRICS) + " |",
              "|---|---|" + "---|" * len(PAIRED_METRICS)]
     for m, (n, cells) in paired_differences(results, reference).items():
+        if not n:                                            # no (order, seed) shared with the reference yet
+            continue
         text = ["-" if c is None else f"{c[0]:+.1f}" if c[1] is None else f"{c[0]:+.1f} [{c[0] - c[1]:+.1f}, "
                 f"{c[0] + c[1]:+.1f}]" for c in cells]
         lines.append(f"| {m} | {n} | " + " | ".join(text) + " |")

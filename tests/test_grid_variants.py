@@ -131,6 +131,7 @@ def test_paired_table_differences_on_the_same_order_and_seed():
                                       f"+5.0 [{5 - half:+.1f}, {5 + half:+.1f}]", "+0.0 [+0.0, +0.0]"]
     assert _row(table, "random") == ["random", "1", "+5.0", "-10.0", "+10.0"]         # one pair: no interval
     assert "| rkif |" not in table
+    assert "| later |" not in paired_table(ref + [_result("later", 3, 1, _acc(0.5, 0.9))], "rkif")   # no pair
     rows = grid_table(ref + ki, "standard")
     assert _row(rows, "rkif")[4] == "75.0 ± 0.0"                                       # plasticity column
 
