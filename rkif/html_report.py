@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from rkif import io
+from rkif.metrics import points
 from rkif.report import sequence_label
 
 MAX_OPEN_RUNS = 4      # up to this many runs, each run's plots are shown open; more: collapsed, one line per run
@@ -116,7 +117,7 @@ def _flat(prefix: str, value) -> list[tuple[str, str]]:
 
 
 def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+    return "-" if x is None else points(100 * x)
 
 
 def settings_table(r: dict) -> str:

@@ -125,3 +125,10 @@ def plasticity(acc: Matrix, trained_at: Sequence[int] | None = None) -> float:
         raise ValueError("empty accuracy matrix")
     cols = range(len(acc)) if trained_at is None else trained_at
     return sum(row[j] for row, j in zip(acc, cols, strict=True)) / len(acc)
+
+
+def points(value: float, spec: str = ".1f") -> str:
+    """``value`` (already in points) formatted by ``spec``, rounded to 6 decimals first so that every table,
+    legend and log line rounds the same exact value the same way: 100 * 0.6375 is 63.74999999999999 in
+    floating point, which would print as 63.7 where a mean of the same runs prints 63.8 (halves round to even)."""
+    return format(round(value, 6), spec)

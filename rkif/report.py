@@ -14,11 +14,11 @@ from matplotlib.path import Path as PlotPath  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 from rkif import io  # noqa: E402
-from rkif.metrics import SCORER_NAMES, plasticity  # noqa: E402
+from rkif.metrics import SCORER_NAMES, plasticity, points  # noqa: E402
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+    return "-" if x is None else points(100 * x)
 
 
 def score_name(r: dict) -> str:
@@ -111,7 +111,7 @@ def plot_matrix(r: dict, path: Path, title: str | None = None) -> None:
         for j, a in enumerate(row):
             if a is None:
                 continue
-            ax.text(j, i, f"{100 * a:.0f}", ha="center", va="center", color="w" if a < 0.6 else "k", fontsize=8)
+            ax.text(j, i, points(100 * a, ".0f"), ha="center", va="center", color="w" if a < 0.6 else "k", fontsize=8)
     ax.set_xlabel("after training stage")
     ax.set_ylabel("evaluated task")
     ax.set_title(f"{title or r['method']}: {score_name(r)} (%)")
@@ -147,7 +147,7 @@ def _final_heatmap(results: list[dict], path: Path, labels: list[str]) -> None:
     for i, row in enumerate(cells):
         for j, a in enumerate(row):
             if a == a:                                                    # not NaN
-                ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=7)
+                ax.text(j, i, points(a, ".0f"), ha="center", va="center", color="w" if a < 60 else "k", fontsize=7)
     rows = [f"{label}  (OP {_pct(r['op'])})" if r["complete"] else f"{label}  ({r['finished_stages']}/"
             f"{len(r['stages'])} stages)" for label, r in zip(labels, results)]
     ax.set_yticks(range(len(results)), rows, fontsize=8)
@@ -376,13 +376,13 @@ def _mean_std(values: list[float | None]) -> str:
         return "-"
     mean = sum(vals) / len(vals)
     if len(vals) == 1:
-        return f"{mean:.1f}"
+        return points(mean)
     std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{points(mean)} ± {points(std)}"
 
 
 def _paper(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    return "-" if value is None else points(value)
 
 
 def just_trained(r: dict) -> float | None:
@@ -479,8 +479,8 @@ def paired_table(results: list[dict], reference: str) -> str:
     for m, (n, cells) in paired_differences(results, reference).items():
         if not n:                                            # no (order, seed) shared with the reference yet
             continue
-        text = ["-" if c is None else f"{c[0]:+.1f}" if c[1] is None else f"{c[0]:+.1f} [{c[0] - c[1]:+.1f}, "
-                f"{c[0] + c[1]:+.1f}]" for c in cells]
+        text = ["-" if c is None else points(c[0], "+.1f") if c[1] is None else f"{points(c[0], '+.1f')} "
+                f"[{points(c[0] - c[1], '+.1f')}, {points(c[0] + c[1], '+.1f')}]" for c in cells]
         lines.append(f"| {m} | {n} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
@@ -554,8 +554,11 @@ def grid_report(out: Path, runs: list, benchmark: str, labels: list[str] | None 
     if plot_tradeoff(results, plots / "op_vs_bwt.png"):
         figures.append((plots / "op_vs_bwt.png", TRADEOFF_CAPTION))
     references = [reference] if isinstance(reference, str) else list(reference)
-    for k, ref in enumerate(references):
-        path = plots / ("paired_differences.png" if k == 0 else f"paired_differences_{_file_name(ref)}.png")
+    paired = [plots / ("paired_differences.png" if k == 0 else f"paired_differences_{_file_name(ref)}.png")
+              for k, ref in enumerate(references)]
+    for stale in set(plots.glob("paired_differences*.png")) - set(paired):    # a reference the grid no longer has
+        stale.unlink()
+    for ref, path in zip(references, paired):
         if plot_paired_differences(results, ref, path):
             figures.append((path, f"{PAIRED_CAPTION} {ref}"))
     table = grid_table(results, benchmark, paper_rows) if results else "(no finished runs yet)"

@@ -303,4 +303,4 @@ def run_experiment(run: RunConfig, tasks: list[Task] | None = None) -> dict:
 
 
 def _fmt(tasks: list[Task], accs: list[float | None]) -> str:
-    return "  ".join(f"{t.name} {100 * a:.1f}" for t, a in zip(tasks, accs) if a is not None)
+    return "  ".join(f"{t.name} {metrics.points(100 * a)}" for t, a in zip(tasks, accs) if a is not None)

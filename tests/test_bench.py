@@ -11,7 +11,7 @@ from rkif import runner
 from rkif.backbones import BackboneConfig
 from rkif.bench import bench, grid_runs, load_grid
 from rkif.cli import main
-from rkif.report import grid_table
+from rkif.report import grid_table, summary_table
 
 TINY_GRID = """
 name = "tiny"
@@ -103,6 +103,13 @@ def test_grid_table_mean_and_sample_std_with_the_paper_columns():
     long = grid_table([_result("seqlora", 4, 0.1, -0.7, 0.0, 60), _result("rkif", 4, 0.8, -0.03, 0.0, 60)], "long")
     assert _row(long, "seqlora")[7:9] == ["11.6", "-73.4"] and _row(long, "rkif")[7:] == ["77.8", "-3.6", "77.9 / -3.4"]
     assert _row(grid_table(results[:1], "custom"), "seqlora")[7:9] == ["-", "-"]
+
+
+def test_grid_table_and_run_table_round_one_value_alike():
+    # OP 0.6375 is 63.74999999999999 once multiplied by 100: both tables must print the exact value's 63.8
+    run = {**_result("rkif", 3, 0.6375, -0.06, 0.35, 60), "complete": True}
+    assert _row(grid_table([run], "standard"), "rkif")[2] == "63.8"
+    assert "| 63.8 |" in summary_table([run])
 
 
 @pytest.fixture

@@ -186,6 +186,9 @@ def test_several_references_give_one_paired_table_and_plot_each(tmp_path, monkey
     plots = out / "plots"
     assert (plots / "paired_differences.png").stat().st_size > 0
     assert (plots / "paired_differences_long.png").stat().st_size > 0
+    write(tmp_path / "g.toml", VARIANTS)                      # "long" is no longer a reference: its figure goes
+    bench(config, out, report_only=True)
+    assert (plots / "paired_differences.png").exists() and not (plots / "paired_differences_long.png").exists()
 
 
 def test_the_committed_control_and_budget_grids_load():

@@ -10,6 +10,7 @@ from rkif.metrics import (
     forgetting,
     forward_transfer,
     overall_performance,
+    points,
     summarize,
 )
 
@@ -163,3 +164,10 @@ def test_score_is_the_mean_of_the_task_metric():
     assert score("exact_match", ["Yes", "no"], [["yes"], ["yes"]]) == accuracy(["Yes", "no"], ["yes", "yes"])
     with pytest.raises(ValueError, match="unknown metric 'bleu'"):
         score("bleu", preds, refs)
+
+
+def test_points_rounds_the_exact_value_not_its_floating_point_product():
+    # 100 * 0.6375 == 63.74999999999999; the exact 63.75 is a half and rounds to even, as 67.25 does
+    assert f"{100 * 0.6375:.1f}" == "63.7" and points(100 * 0.6375) == "63.8"
+    assert points(100 * 0.6725) == "67.2" and points(100 * 0.1) == "10.0" and points(-3.05, "+.1f") == "-3.0"
+    assert points(62.5, ".0f") == "62" and points(100 * 0.635, ".0f") == "64"
