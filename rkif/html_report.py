@@ -15,8 +15,7 @@ from html import escape
 from pathlib import Path
 
 from rkif import io
-from rkif.metrics import points
-from rkif.report import sequence_label
+from rkif.report import _pct, sequence_label
 
 MAX_OPEN_RUNS = 4      # up to this many runs, each run's plots are shown open; more: collapsed, one line per run
 
@@ -114,10 +113,6 @@ def _flat(prefix: str, value) -> list[tuple[str, str]]:
     if isinstance(value, dict) and value:
         return [row for k, v in value.items() for row in _flat(f"{prefix}.{k}" if prefix else str(k), v)]
     return [(prefix, value if isinstance(value, str) else json.dumps(value))]
-
-
-def _pct(x) -> str:
-    return "-" if x is None else points(100 * x)
 
 
 def settings_table(r: dict) -> str:
