@@ -276,8 +276,8 @@ def load_benchmark(root: Path, names: list[str], train_size: int | None = None,
         outside = sorted({ex.output for ex in task.splits[eval_split]} - set(task.labels))
         if outside:
             n = sum(ex.output in outside for ex in task.splits[eval_split])
-            logger.warning("task %s: %d %s example(s) have labels outside the train label set %s; "
-                           "they are scored as wrong", name, n, eval_split, outside)
+            logger.warning("task %s: %d %s example(s) have labels outside the train label set %s; label-scoring "
+                           "models (encoder, --answer-mode rank) cannot answer them", name, n, eval_split, outside)
         tasks.append(task)
     return tasks
 
