@@ -103,7 +103,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "for superni, your copy's folder of task folders (<task>/{train,dev,test}.json)")
     p.add_argument("--benchmark", default=d.benchmark, choices=list(BENCHMARKS),
                    help="standard / long (classification, exact match) or superni (generation, ROUGE-L)")
-    p.add_argument("--order", type=int, default=d.order, 
+    p.add_argument("--order", type=int, default=d.order,
                    help="task order: 1-3 standard, 4-6 long (1-3 read as 4-6), 1-2 superni")
     p.add_argument("--tasks", default=None, help="explicit comma-separated task list (overrides the order)")
     p.add_argument("--epochs", type=float, default=d.epochs, help="training epochs per task")
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "except those raised by a --user-module's own code")
     common.add_argument("--verbose", action="store_true",
                         help="also print the Trainer's log dicts and the dependencies' warnings (always in "
-                             "each run's trainer/log.jsonl and in run's --report-to)")
+                             "each run's trainer/log.jsonl, and in rkif run's --report-to integration)")
     profiles = "; ".join(f"--{kind} {m}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                          for kind, table in (("model", MODEL_DEFAULTS), ("benchmark", BENCHMARK_DEFAULTS))
                          for m, d in table.items())
