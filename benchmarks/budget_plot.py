@@ -2,15 +2,18 @@
 the epochs per task, one line per method, from the finished runs of one or more grid folders.
 
     python benchmarks/budget_plot.py benchmarks/results/budget benchmarks/results/epochs3 \\
-        benchmarks/results/standard --orders 1 --methods rkif,rkif-ki,replay,vrmcl --out benchmarks/results/budget
+        benchmarks/results/standard --orders 1 --methods rkif,rkif-ki,replay,vrmcl --reference rkif \\
+        --out benchmarks/results/budget
 
 Runs are grouped by (entry, epochs per task) over the orders and seeds found, an entry being the method and
 its options (``rkif mask_source=random``) (mean, and min to max where
 there are several); a (method, epochs) pair found with other settings in another folder is refused, except
 for ``eval_scope``: "seen+next" evaluates fewer cells and leaves OP, BWT and "just trained" as they are
-(tests/test_runner.py), so a grid that evaluated every cell counts the same. Writes
-``budget.png`` and ``budget.md`` (one row per method and budget: runs, optimizer steps and R-KIF fusion
-rounds per task, OP, BWT, "just trained") into ``--out``.
+(tests/test_runner.py), so a grid that evaluated every cell counts the same. An (order, seed) found for one
+point in several folders counts once, from the first folder given. Writes ``budget.png`` and ``budget.md``
+(one row per method and budget: runs, optimizer steps and R-KIF fusion rounds per task, OP, BWT, "just
+trained"; with ``--reference``, each entry minus the reference at the same budget on the same (order, seed),
+with a 95 % t interval over the pairs) into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from rkif import io
-from rkif.report import just_trained, method_colours, plt
+from rkif.metrics import points as format_points
+from rkif.report import PAIRED_METRICS, difference_text, just_trained, method_colours, paired_differences, plt
 from rkif.runner import with_defaults
 
 # settings that may differ between runs of one (method, epochs) point
@@ -37,17 +41,20 @@ def entry(r: dict) -> str:
 def load_points(folders: list[Path], methods: list[str] | None = None,
                 orders: list[int] | None = None) -> dict[tuple[str, float], list[dict]]:
     """``{(entry, epochs): [results of finished runs]}`` from ``<folder>/runs/*/*/results.json``: the runs of
-    ``methods`` (default: every method with a BWT, so not multi-task training) on ``orders`` (default: all). A
-    folder with no run yet is skipped, with a line saying so."""
+    entries ``methods`` (a method name alone is that method at its defaults, ``rkif masks_on=out`` a variant;
+    default: every entry with a BWT, so not multi-task training) on ``orders`` (default: all). A
+    folder with no run yet is skipped, with a line saying so; a point's (order, seed) already read from an
+    earlier folder is skipped."""
     points: dict[tuple[str, float], list[dict]] = defaultdict(list)
     settings: dict[tuple[str, float], tuple[dict, Path]] = {}
+    seen: set[tuple[str, float, int, int]] = set()
     for folder in folders:
         found = sorted(folder.glob("runs/*/*/results.json"))
         if not found:
             print(f"{folder}: no runs/*/*/results.json yet, skipped", file=sys.stderr)
         for path in found:
             r = io.read_json(path)
-            if (not r.get("complete") or r.get("bwt") is None or (methods and r["method"] not in methods)
+            if (not r.get("complete") or r.get("bwt") is None or (methods and entry(r) not in methods)
                     or (orders and r["order"] not in orders)):
                 continue
             config = with_defaults(r["config"])
@@ -57,7 +64,9 @@ def load_points(folders: list[Path], methods: list[str] | None = None,
                 diff = sorted(k for k in shared if shared[k] != settings[key][0].get(k))
                 raise ValueError(f"{path}: {key[0]} at {key[1]:g} epochs differs from {settings[key][1]} in {diff}")
             settings.setdefault(key, (shared, path))
-            points[key].append(r)
+            if (*key, r["order"], config["seed"]) not in seen:
+                seen.add((*key, r["order"], config["seed"]))
+                points[key].append(r)
     return dict(points)
 
 
@@ -83,8 +92,26 @@ def table(points: dict[tuple[str, float], list[dict]]) -> str:
     for (method, epochs), runs in sorted(points.items()):
         s = summary(runs)
         rounds = "-" if s["rounds"] is None else f"{s['rounds']:.0f}"
-        lines.append(f"| {method} | {epochs:g} | {s['runs']} | {s['steps']:.0f} | {rounds} | {_mean(s['op']):.1f} | "
-                     f"{_mean(s['bwt']):.1f} | {_mean(s['just_trained']):.1f} |")
+        means = " | ".join(format_points(_mean(s[k])) for k in ("op", "bwt", "just_trained"))
+        lines.append(f"| {method} | {epochs:g} | {s['runs']} | {s['steps']:.0f} | {rounds} | {means} |")
+    return "\n".join(lines)
+
+
+def paired_table(points: dict[tuple[str, float], list[dict]], reference: str) -> str:
+    """Each entry minus ``reference`` at the same budget on the same (order, seed): mean [95 % t interval] in
+    points over the pairs (``rkif.report.paired_differences``); budgets without the reference are left out."""
+    lines = [f"Paired differences to {reference} at the same budget (points; mean [95 % t interval] over the "
+             "(order, seed) pairs both finished):", "",
+             "| method | epochs per task | pairs | " + " | ".join(f"Δ {name}" for name, _ in PAIRED_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(PAIRED_METRICS)]
+    for epochs in sorted({e for _, e in points}):
+        if (reference, epochs) not in points:
+            continue
+        runs = [{**r, "method": m} for (m, e), rs in sorted(points.items()) if e == epochs for r in rs]
+        for m, (n, cells) in paired_differences(runs, reference).items():
+            if not n:
+                continue
+            lines.append(f"| {m} | {epochs:g} | {n} | " + " | ".join(map(difference_text, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -119,8 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="grid folders (each with runs/<name>/<order-seed>/)")
     p.add_argument("--out", type=Path, required=True, help="where budget.png and budget.md go")
-    p.add_argument("--methods", help="comma-separated methods (default: every one with a BWT)")
+    p.add_argument("--methods", help="comma-separated entries: a method at its defaults (rkif) or with options "
+                                     "('rkif masks_on=out'); default: every one with a BWT")
     p.add_argument("--orders", help="comma-separated task orders (default: every one found)")
+    p.add_argument("--reference", help="an entry (e.g. rkif): add each entry's paired difference to it per budget")
     a = p.parse_args(argv)
     points = load_points(a.folders, a.methods.split(",") if a.methods else None,
                          [int(o) for o in a.orders.split(",")] if a.orders else None)
@@ -129,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     plot(points, a.out / "budget.png")
     text = table(points)
+    if a.reference:
+        if a.reference not in {m for m, _ in points}:
+            raise SystemExit(f"--reference {a.reference}: no finished run of it among {sorted({m for m, _ in points})}")
+        text += "\n\n" + paired_table(points, a.reference)
     io.write_text(a.out / "budget.md", text + "\n")
     print(text)
 

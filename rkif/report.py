@@ -469,6 +469,16 @@ def paired_differences(results: list[dict], reference: str) -> dict[str, tuple[i
     return out
 
 
+def difference_text(cell: tuple[float, float | None] | None) -> str:
+    """One ``paired_differences`` cell as text: ``+2.0 [-5.5, +9.5]``, ``+2.0`` for one pair, ``-`` for none."""
+    if cell is None:
+        return "-"
+    mean, half = cell
+    if half is None:
+        return points(mean, "+.1f")
+    return f"{points(mean, '+.1f')} [{points(mean - half, '+.1f')}, {points(mean + half, '+.1f')}]"
+
+
 def paired_table(results: list[dict], reference: str) -> str:
     """``paired_differences`` as markdown: mean [95 % t interval] in points per entry and metric (entries
     with no pair left out)."""
@@ -479,9 +489,7 @@ def paired_table(results: list[dict], reference: str) -> str:
     for m, (n, cells) in paired_differences(results, reference).items():
         if not n:                                            # no (order, seed) shared with the reference yet
             continue
-        text = ["-" if c is None else points(c[0], "+.1f") if c[1] is None else f"{points(c[0], '+.1f')} "
-                f"[{points(c[0] - c[1], '+.1f')}, {points(c[0] + c[1], '+.1f')}]" for c in cells]
-        lines.append(f"| {m} | {n} | " + " | ".join(text) + " |")
+        lines.append(f"| {m} | {n} | " + " | ".join(map(difference_text, cells)) + " |")
     return "\n".join(lines)
 
 

@@ -10,12 +10,13 @@ from tests.conftest import benchmark_script
 
 
 def _run(folder: Path, name: str, method: str, epochs: float, order: int = 1, bwt: float | None = -0.1,
-         rounds: int = 0, **settings) -> None:
-    config = RunConfig(method=method, epochs=epochs, order=order, output=str(folder / name), **settings).to_dict()
+         rounds: int = 0, seed: int = 42, op: float = 0.8, **settings) -> None:
+    config = RunConfig(method=method, epochs=epochs, order=order, seed=seed, output=str(folder / name),
+                       **settings).to_dict()
     acc = [[0.8, 0.7], [None, 0.9]]
-    io.write_json(folder / "runs" / name / f"order{order}-seed42" / "results.json", {
+    io.write_json(folder / "runs" / name / f"order{order}-seed{seed}" / "results.json", {
         "method": method, "order": order, "tasks": ["a", "b"], "stages": [["a"], ["b"]], "accuracy": acc,
-        "op": 0.8, "bwt": bwt, "complete": True, "config": config,
+        "op": op, "bwt": bwt, "complete": True, "config": config,
         "stage_log": [{"steps": int(63 * epochs)}, {"steps": int(63 * epochs)}],
         "diagnostics": {"rounds": [{"stage": 1, "round": k} for k in range(rounds)]}})
 
@@ -35,7 +36,9 @@ def test_points_from_several_grids_make_one_table_and_plot(tmp_path):
     table = module.table(points)
     assert "| rkif | 3 | 1 | 189 | 24 | 80.0 | -10.0 | 85.0 |" in table
     assert "| replay | 1 | 1 | 63 | - |" in table
+    assert list(module.load_points([two], methods=["rkif"])) == [("rkif", 1.0)]      # an entry: no variant
     assert len(module.load_points([two], methods=["rkif"])[("rkif", 1.0)]) == 2
+    assert list(module.load_points([two], methods=["rkif mask_source=random"])) == [("rkif mask_source=random", 1.0)]
     module.main([str(one), str(two), "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "budget.png").stat().st_size > 0 and (tmp_path / "out" / "budget.md").exists()
 
@@ -46,3 +49,23 @@ def test_one_point_with_other_settings_in_two_grids_is_refused(tmp_path):
     _run(tmp_path / "b", "rkif", "rkif", 1.0, order=2, lr=5e-4)
     with pytest.raises(ValueError, match=r"rkif at 1 epochs differs from .* in \['lr'\]"):
         module.load_points([tmp_path / "a", tmp_path / "b"])
+
+
+def test_an_order_and_seed_in_two_folders_counts_once_and_pairs_give_intervals(tmp_path):
+    module = benchmark_script("budget_plot")
+    first, second = tmp_path / "controls", tmp_path / "standard"
+    for seed, (ref, ki) in zip((42, 43, 44), ((0.60, 0.65), (0.62, 0.61), (0.58, 0.60))):
+        _run(first, "rkif", "rkif", 1.0, seed=seed, op=ref)
+        _run(first, "rkif-ki", "rkif-ki", 1.0, seed=seed, op=ki)
+    _run(second, "rkif", "rkif", 1.0, op=0.10)                       # seed 42 again: the first folder's counts
+    _run(second, "rkif-ki", "rkif-ki", 3.0, op=0.70)                  # no rkif at 3 epochs: no pair
+    points = module.load_points([first, second])
+    assert sorted(round(100 * r["op"]) for r in points[("rkif", 1.0)]) == [58, 60, 62]
+    table = module.paired_table(points, "rkif")
+    # differences +5, -1, +2: mean +2.0, sample std 3.0, half-width t(2) * 3 / sqrt(3) = 7.45
+    assert "| rkif-ki | 1 | 3 | +2.0 [-5.5, +9.5] | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |" in table
+    assert "| rkif-ki | 3 |" not in table
+    module.main([str(first), str(second), "--reference", "rkif", "--out", str(tmp_path / "out")])
+    assert "Paired differences to rkif" in (tmp_path / "out" / "budget.md").read_text()
+    with pytest.raises(SystemExit, match="--reference vrmcl: no finished run"):
+        module.main([str(first), "--reference", "vrmcl", "--out", str(tmp_path / "out")])
