@@ -135,7 +135,9 @@ class RunConfig:
         resolve_precision(self.precision)          # refuses an unknown precision, and fp16 without an accelerator
         _check_report_to(self.report_to)
         self.backbone.check()
-        self.method_config()[1].check_run(self)
+        method_cls, method_config = self.method_config()
+        method_cls.check_family(self.backbone.family)
+        method_config.check_run(self)
 
     def method_config(self) -> tuple[type[Method], MethodConfig]:
         """The method class and its config, parsed and checked from ``method`` and ``method_options``, after

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 
 from rkif import io
-from rkif.report import _pct, sequence_label
+from rkif.report import percent, sequence_label
 
 MAX_OPEN_RUNS = 4      # up to this many runs, each run's plots are shown open; more: collapsed, one line per run
 
@@ -134,7 +134,7 @@ def settings_table(r: dict) -> str:
 def _run_summary(r: dict) -> str:
     """One line: OP, BWT, model, order (or tasks), seed, precision (what tells runs apart at a glance)."""
     config = r.get("config") or {}
-    state = f"OP {_pct(r.get('op'))} · BWT {_pct(r.get('bwt'))}" if r.get("complete") else \
+    state = f"OP {percent(r.get('op'))} · BWT {percent(r.get('bwt'))}" if r.get("complete") else \
         f"{r.get('finished_stages')}/{len(r.get('stages', []))} stages"
     parts = [state, r.get("model"), sequence_label(r), f"seed {config.get('seed')}",
              config.get("precision")]

@@ -17,7 +17,8 @@ from rkif import io  # noqa: E402
 from rkif.metrics import SCORER_NAMES, plasticity, points  # noqa: E402
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
+    """A fraction as points with one decimal (``0.6375`` -> ``63.8``), ``-`` for None."""
     return "-" if x is None else points(100 * x)
 
 
@@ -82,8 +83,8 @@ def summary_table(results: list[dict], labels: list[str] | None = None) -> str:
     for label, r in zip(labels, results):
         done = "" if r["complete"] else f" ({r['finished_stages']}/{len(r['stages'])} stages)"
         order = r["order"] if r.get("order") is not None else sequence_label(r)        # "tasks a,b" without one
-        lines.append(f"| {label} | {r['method']}{done} | {order} | {_pct(r['op'])} | {_pct(r['bwt'])} | "
-                     f"{_pct(r['fwt'])} | {r.get('seconds', 0.0) / 60:.1f} |")
+        lines.append(f"| {label} | {r['method']}{done} | {order} | {percent(r['op'])} | {percent(r['bwt'])} | "
+                     f"{percent(r['fwt'])} | {r.get('seconds', 0.0) / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -94,8 +95,8 @@ def matrix_table(r: dict) -> str:
              "| task | untrained | " + " | ".join(f"after {s}" for s in stages) + " |",
              "|---|---|" + "---|" * len(stages)]
     for task, init, row in zip(r["tasks"], r["initial_accuracy"], r["accuracy"]):
-        lines.append(f"| {task} | {_pct(init)} | " + " | ".join(_pct(a) for a in row) + " |")
-    lines += ["", f"OP {_pct(r['op'])}  BWT {_pct(r['bwt'])}  FWT {_pct(r['fwt'])}"]
+        lines.append(f"| {task} | {percent(init)} | " + " | ".join(percent(a) for a in row) + " |")
+    lines += ["", f"OP {percent(r['op'])}  BWT {percent(r['bwt'])}  FWT {percent(r['fwt'])}"]
     return "\n".join(lines)
 
 
@@ -148,7 +149,7 @@ def _final_heatmap(results: list[dict], path: Path, labels: list[str]) -> None:
         for j, a in enumerate(row):
             if a == a:                                                    # not NaN
                 ax.text(j, i, points(a, ".0f"), ha="center", va="center", color="w" if a < 60 else "k", fontsize=7)
-    rows = [f"{label}  (OP {_pct(r['op'])})" if r["complete"] else f"{label}  ({r['finished_stages']}/"
+    rows = [f"{label}  (OP {percent(r['op'])})" if r["complete"] else f"{label}  ({r['finished_stages']}/"
             f"{len(r['stages'])} stages)" for label, r in zip(labels, results)]
     ax.set_yticks(range(len(results)), rows, fontsize=8)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
@@ -173,7 +174,7 @@ def plot_final_accuracy(results: list[dict], path: Path, labels: list[str] | Non
     fig, ax = plt.subplots(figsize=(3.5 + max(1.2, 0.25 * len(results)) * len(tasks), 4))
     for k, (label, r) in enumerate(zip(labels, results)):
         cells = [(i + k * width, 100 * a) for i, a in enumerate(_final_column(r)) if a is not None]
-        state = f"OP {_pct(r['op'])}" if r["complete"] else f"{r['finished_stages']}/{len(r['stages'])} stages"
+        state = f"OP {percent(r['op'])}" if r["complete"] else f"{r['finished_stages']}/{len(r['stages'])} stages"
         ax.bar([x for x, _ in cells], [h for _, h in cells], width, color=colours[k], label=f"{label} ({state})")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylabel(f"final {score_name(results[0])} (%)")

@@ -78,6 +78,7 @@ def evaluate(backbone: Backbone, tasks: list[Task], split: str, desc: str,
 def build_learner(run: RunConfig, answer_tasks: list[Task]) -> tuple[Backbone, Method]:
     """The run's backbone (answer space: the labels of ``answer_tasks``) and its method, seeded."""
     method_cls, method_config = run.method_config()
+    method_cls.check_family(run.backbone.family)          # before the model loads
     set_seed(run.seed)
     backbone = build_backbone(run.backbone, method_cls.peft_config(method_config, run.backbone))
     backbone.to(training_device())        # where the Trainer will train it: the untrained evaluation runs there too

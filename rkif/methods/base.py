@@ -19,6 +19,8 @@ Every hook is a documented no-op, so a method overrides only the moments it need
 ``parameter_access`` (class) says where the method can run (checked by ``rkif.sharding`` before the
 first step): ``"loss"`` (data and loss only), ``"shards"`` (correct on FSDP2's local shards) or
 ``"whole"`` (the default: whole parameters on every process, so not under FSDP or DeepSpeed).
+``families`` (class) names the backbone families the method applies to (default None: every one); the
+runner refuses another before the model loads, and ``rkif methods`` lists it.
 
 ``PromptMethod`` is the base of the methods that train prompt embeddings on a frozen generative backbone
 (L2P, LFPT5): a frozen placeholder LoRA that never runs, and a check that only their prompt tensors train.
@@ -170,11 +172,20 @@ class Method:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = MethodConfig
     parameter_access: ClassVar[str] = "whole"     # "loss" | "shards" | "whole": rkif.sharding.check_distribution
+    families: ClassVar[tuple[str, ...] | None] = None   # the backbone families it applies to; None: every one
 
     def __init__(self, config: MethodConfig, backbone: Backbone, run: RunConfig):
+        self.check_family(backbone.family)                # a backbone built by hand
         self.config = config
         self.backbone = backbone
         self.run = run
+
+    @classmethod
+    def check_family(cls, family: str) -> None:
+        """Refuse a backbone family outside ``families``, naming both (the runner calls it before the model
+        loads)."""
+        if cls.families is not None:
+            require_family(cls.name, family, cls.families)
 
     @classmethod
     def peft_config(cls, config: MethodConfig, backbone: BackboneConfig):
@@ -245,18 +256,17 @@ class PromptMethod(Method):
     """A method whose only trainable tensors are prompt embeddings prepended to a frozen generative backbone.
 
     peft needs an adapter to wrap the model: ``peft_config`` gives a frozen rank-1 LoRA (B = 0, no effect),
-    and ``__init__`` disables it, so it never runs. Generative families only (refused before the model loads
-    by ``peft_config``, and again here for a backbone built by hand).
+    and ``__init__`` disables it, so it never runs. Generative families only.
     """
+
+    families = GENERATIVE_FAMILIES
 
     @classmethod
     def peft_config(cls, config: MethodConfig, backbone: BackboneConfig) -> LoraConfig:
-        require_family(cls.name, backbone.family)
         return LoraConfig(r=1, lora_alpha=1, target_modules=backbone.lora_targets, inference_mode=True)
 
     def __init__(self, config: MethodConfig, backbone: Backbone, run: RunConfig):
         super().__init__(config, backbone, run)
-        require_family(self.name, backbone.family)
         backbone.model.base_model.disable_adapter_layers()              # the placeholder never runs
 
     @property

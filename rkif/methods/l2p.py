@@ -16,7 +16,7 @@ lambda 0.5, prompts initialised from random vocabulary embeddings); the official
 length 10, top-N 4, lambda 1.0, Adam lr 0.03 constant (set the run's ``lr`` and ``lr_scheduler``; keys
 are initialised uniform(-1, 1) as there).
 
-Hooks: ``peft_config`` (``PromptMethod``'s frozen placeholder LoRA; refuses the encoder family), the
+Hooks: ``families`` (generative only), ``peft_config`` (``PromptMethod``'s frozen placeholder LoRA), the
 backbone input hook (selection and prefix, ``Backbone.add_input_hook``), ``extra_loss`` (the pull term,
 logged as ``l2p_pull``), ``on_train_begin`` / ``after_task`` (how often each prompt was selected, in
 ``diagnostics``). The pool is a submodule of the backbone, so it is saved and restored with the adapters.
@@ -39,7 +39,7 @@ from torch import nn
 from rkif.backbones.base import masked_mean
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, fail
 from rkif.data import Example, Task
-from rkif.methods.base import MethodConfig, PromptMethod, require_family
+from rkif.methods.base import MethodConfig, PromptMethod
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,6 @@ class L2PConfig(MethodConfig):
                            "pull_weight": NON_NEGATIVE})
         if self.top_n > self.pool_size:
             raise fail(self.label("top_n"), self.top_n, f"expected at most pool_size ({self.pool_size})")
-
-    def check_run(self, run) -> None:
-        require_family(self.method, run.backbone.family)           # before the model loads
 
 
 class PromptPool(nn.Module):

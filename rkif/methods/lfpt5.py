@@ -24,7 +24,7 @@ frequency; the official draws from a T5 token-frequency table we do not have); b
 rows become the mean embedding of the first task's name and of each of its labels, as in the official (which
 also puts the phrase "sentence classification" first: not every task here is a classification).
 
-Hooks: ``peft_config`` (``PromptMethod``'s frozen placeholder LoRA; refuses the encoder family), the
+Hooks: ``families`` (generative only), ``peft_config`` (``PromptMethod``'s frozen placeholder LoRA), the
 backbone input hook (the prefix), ``before_task`` (snapshot, pseudo-samples, the stage's stream),
 ``extra_loss`` (``lfpt5_lm``, ``lfpt5_kl``), ``after_task`` (the finished-task registry),
 ``state_dict`` (previous prompt, pseudo-samples, registry, counts), ``diagnostics`` (kept, drawn and
@@ -65,7 +65,7 @@ from torch import nn
 
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from rkif.data import Example, Task
-from rkif.methods.base import MethodConfig, PromptMethod, require_family, require_one_process
+from rkif.methods.base import MethodConfig, PromptMethod, require_one_process
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,6 @@ class LFPT5Config(MethodConfig):
                            "init_vocab": AT_LEAST_ONE})
 
     def check_run(self, run) -> None:
-        require_family(self.method, run.backbone.family)           # before the model loads
         require_one_process(self.method)
 
 

@@ -21,7 +21,7 @@ The gate multiplies each expert's ``lora_B`` output (a forward hook); the router
 submodule of its LoRA layer, so it is saved with the adapters and restored on resume. With E = 1 the gate
 is exactly 1 and the layer is plain LoRA.
 
-Hooks: ``peft_config`` (the expert LoRA; refuses the encoder family), ``on_train_begin`` / ``after_task``
+Hooks: ``families`` (generative only), ``peft_config`` (the expert LoRA), ``on_train_begin`` / ``after_task``
 (the mean gate of the stage's training batches, in ``diagnostics``), ``state_dict`` (the expert names).
 
 Deviations from the official code: the official gate is a task-id embedding (task-aware), replaced by
@@ -48,7 +48,7 @@ from torch import nn
 from rkif.backbones.base import masked_mean
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE_INT, Rule
 from rkif.data import Example, Task
-from rkif.methods.base import Method, MethodConfig, require_family, scale_rows, task_count
+from rkif.methods.base import GENERATIVE_FAMILIES, Method, MethodConfig, scale_rows, task_count
 from rkif.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,6 @@ class MoELoRAConfig(MethodConfig):
         self.check_ranges({"experts": NON_NEGATIVE_INT, "expert_r": AT_LEAST_ONE, "alpha": AT_LEAST_ONE,
                            "dropout": Rule(lambda v: 0 <= v < 1, "expected a probability in [0, 1)")})
 
-    def check_run(self, run) -> None:
-        require_family(self.method, run.backbone.family)           # before the model loads
-
 
 def gate_weights(router: nn.Linear, query: torch.Tensor) -> torch.Tensor:
     """g = softmax(W_g q): [B, d] -> [B, E], each row summing to 1."""
@@ -88,16 +85,15 @@ def expert_names(n: int) -> list[str]:
 class MoELoRA(Method):
     name = "moelora"
     config_class = MoELoRAConfig
+    families = GENERATIVE_FAMILIES
 
     @classmethod
     def peft_config(cls, config: MoELoRAConfig, backbone) -> LoraConfig:
-        require_family(cls.name, backbone.family)
         return LoraConfig(r=config.expert_r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           target_modules=backbone.lora_targets)
 
     def __init__(self, config: MoELoRAConfig, backbone, run):
         super().__init__(config, backbone, run)
-        require_family(self.name, backbone.family)
         self.experts = expert_names(config.experts or task_count(run))
         model = backbone.model
         for name in self.experts[1:]:

@@ -34,7 +34,7 @@ generator and 0 for every other adapter). The selection (``backbone.sapt``: MLP 
 through ``Backbone.add_input_hook``, once per new sequence, so a generated answer keeps its prompt's
 weights. All of it is saved by the runner with the adapters; adapters and keys are recreated on resume.
 
-Hooks: ``peft_config`` (the task LoRA; refuses the encoder family), ``before_task`` (new adapters and key,
+Hooks: ``families`` (generative only), ``peft_config`` (the task LoRA), ``before_task`` (new adapters and key,
 pseudo-prompts), ``on_train_begin`` (seeded draws), ``extra_loss`` (``sapt_generator``: the generator's LM
 loss on a seeded draw of the stage's training examples; ``sapt_kl``: the reflection term on a seeded draw of
 pseudo-prompts, up to ``batch_size`` per earlier task and step: the Trainer's batch does not say which rows
@@ -83,7 +83,7 @@ from torch import nn
 
 from rkif.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Rule
 from rkif.data import Example, Task
-from rkif.methods.base import MethodConfig, require_family, require_one_process, scale_rows, task_count
+from rkif.methods.base import GENERATIVE_FAMILIES, MethodConfig, require_one_process, scale_rows, task_count
 from rkif.methods.inclora import BASE_ADAPTER, IncLoRA
 from rkif.methods.registry import register
 
@@ -121,7 +121,6 @@ class SAPTConfig(MethodConfig):
                                                          "generator_weight", "top_k", "sample_rounds")})
 
     def check_run(self, run) -> None:
-        require_family(self.method, run.backbone.family)           # before the model loads
         require_one_process(self.method)
 
 
@@ -217,15 +216,15 @@ def generator_name(stage: int) -> str:
 class SAPT(IncLoRA):
     name = "sapt"
     config_class = SAPTConfig
+    families = GENERATIVE_FAMILIES
 
     @classmethod
     def peft_config(cls, config: SAPTConfig, backbone) -> LoraConfig:
-        require_family(cls.name, backbone.family)
         return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=backbone.lora_targets)
 
     def __init__(self, config: SAPTConfig, backbone, run):
-        require_family(self.name, backbone.family)
+        self.check_family(backbone.family)                          # before IncLoRA adds an adapter
         super().__init__(config, backbone, run)
         embedding = backbone.model.get_base_model().get_input_embeddings().weight
         backbone.sapt = Selection(embedding.shape[1], config.query_hidden).to(embedding.device)
