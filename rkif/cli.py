@@ -363,7 +363,8 @@ def methods_listing(user_modules: Sequence[str] = ()) -> str:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip()
         lines.append(f"{name:<{width}}{doc.splitlines()[0] if doc else ''}")
         if cls.families is not None:
-            lines.append(" " * width + f"needs a {' or '.join(cls.families)} backbone (--family)")
+            needs = " or ".join(cls.families)
+            lines.append(" " * width + f"needs a {needs} backbone (--model smollm2, or another such model)")
         options = " ".join(f"{f.name}={f.default_factory() if f.default is MISSING else f.default}"
                            for f in fields(cls.config_class))
         if options:

@@ -218,6 +218,6 @@ def test_rkif_methods_lists_every_method_with_its_summary_and_options_and_every_
     assert "lfpt5          LFPT5: one soft prompt" in shown and "prompt_length=300" in shown
     assert "rkif-ki        rkif with fusion=sum" in shown
     needs = [line.split()[0] for line, after in zip(shown.splitlines(), shown.splitlines()[1:])
-             if "needs a causal or seq2seq backbone" in after]
+             if "needs a causal or seq2seq backbone (--model smollm2" in after]
     assert needs == ["l2p", "lfpt5", "moelora", "sapt"]          # the generative-only methods, no other
     assert all(len(line) <= 100 for line in shown.splitlines() if line.startswith(" "))   # options wrapped

@@ -269,3 +269,20 @@ def test_rkif_methods_shows_a_default_made_by_a_factory(tmp_path, capsys):
     assert main(["methods", "--user-module", str(tmp_path / "listed.py")]) == 0
     out = capsys.readouterr().out
     assert "-O layers=[0, 1] weight=0.5" in out and "MISSING" not in out
+
+
+def test_a_user_methods_families_are_checked_listed_and_validated(tmp_path, capsys):
+    from rkif.config import RunConfig
+
+    (tmp_path / "causal_only.py").write_text(
+        "from rkif.methods import Method, register\n\n\n"
+        "@register\nclass CausalOnly(Method):\n    name = 'causal-only-test'\n    families = ('causal',)\n")
+    with pytest.raises(ValueError, match="method causal-only-test cannot run on the encoder family: it needs a "
+                                         "causal backbone"):
+        RunConfig(method="causal-only-test", user_modules=[str(tmp_path / "causal_only.py")]).check()
+    assert main(["methods", "--user-module", str(tmp_path / "causal_only.py")]) == 0
+    assert "needs a causal backbone" in capsys.readouterr().out
+    for bad in ("causal", ("casual",), ()):                   # a string, a typo, nothing
+        with pytest.raises(ValueError, match=r"method bad-test: families=.*expected None or a non-empty tuple"):
+            registry.register(type("Bad", (registry.Method,), {"name": "bad-test", "families": bad}))
+    assert "bad-test" not in METHODS

@@ -175,7 +175,8 @@ class Method:
     families: ClassVar[tuple[str, ...] | None] = None   # the backbone families it applies to; None: every one
 
     def __init__(self, config: MethodConfig, backbone: Backbone, run: RunConfig):
-        self.check_family(backbone.family)                # a backbone built by hand
+        if self.families is not None:                     # a backbone built by hand
+            self.check_family(backbone.family)
         self.config = config
         self.backbone = backbone
         self.run = run

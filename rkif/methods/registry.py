@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
+from rkif.backbones.config import FAMILY_NAMES
 from rkif.checks import CheckError
 from rkif.methods.base import Method
 
@@ -30,6 +31,11 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in METHODS or cls.name in PRESETS:
         raise ValueError(f"method name {cls.name!r} is already registered")
+    families = cls.families
+    if families is not None and (not isinstance(families, tuple) or not families
+                                 or not set(families) <= set(FAMILY_NAMES)):
+        raise ValueError(f"method {cls.name}: families={families!r}: expected None or a non-empty tuple of "
+                         f"{', '.join(FAMILY_NAMES)}")
     METHODS[cls.name] = cls
     return cls
 

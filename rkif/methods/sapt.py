@@ -224,7 +224,6 @@ class SAPT(IncLoRA):
                           target_modules=backbone.lora_targets)
 
     def __init__(self, config: SAPTConfig, backbone, run):
-        self.check_family(backbone.family)                          # before IncLoRA adds an adapter
         super().__init__(config, backbone, run)
         embedding = backbone.model.get_base_model().get_input_embeddings().weight
         backbone.sapt = Selection(embedding.shape[1], config.query_hidden).to(embedding.device)
