@@ -10,10 +10,12 @@ its options (``rkif mask_source=random``) (mean, and min to max where
 there are several); a (method, epochs) pair found with other settings in another folder is refused, except
 for ``eval_scope``: "seen+next" evaluates fewer cells and leaves OP, BWT and "just trained" as they are
 (tests/test_runner.py), so a grid that evaluated every cell counts the same. An (order, seed) found for one
-point in several folders counts once, from the first folder given. Writes ``budget.png`` and ``budget.md``
-(one row per method and budget: runs, optimizer steps and R-KIF fusion rounds per task, OP, BWT, "just
-trained"; with ``--reference``, each entry minus the reference at the same budget on the same (order, seed),
-with a 95 % t interval over the pairs) into ``--out``.
+point in several folders counts once, from the first folder given; a pair may so join runs of two grids
+(a rerun of the same settings moves a metric by a few tenths of a point). Writes ``budget.png`` and
+``budget.md`` (one row per method and budget: runs, their seeds, optimizer steps and R-KIF fusion rounds per
+task, OP, BWT, "just trained", each the mean over whichever (order, seed) runs that point has, so two rows
+compare like with like only where their seeds match; with ``--reference``, each entry minus the reference at
+the same budget on the same (order, seed), with a 95 % t interval over the pairs) into ``--out``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ def entry(r: dict) -> str:
     """A run's method and its options given (not the defaults), e.g. ``rkif mask_source=random``."""
     options = r["config"].get("method_options") or {}
     return " ".join([r["method"], *(f"{k}={v}" for k, v in sorted(options.items()))])
+
+
+def entry_name(text: str) -> str:
+    """An entry as ``--methods`` spells it, with its options in ``entry``'s order (by name): ``rkif b=2 a=1`` ->
+    ``rkif a=1 b=2``."""
+    method, *options = text.split()
+    return " ".join([method, *sorted(options, key=lambda option: option.partition("=")[0])])
 
 
 def load_points(folders: list[Path], methods: list[str] | None = None,
@@ -87,13 +96,14 @@ def summary(runs: list[dict]) -> dict:
 
 def table(points: dict[tuple[str, float], list[dict]]) -> str:
     """budget.md: a row per entry and budget, with the means over its runs."""
-    lines = ["| method | epochs per task | runs | steps per task | fusion rounds per task | OP | BWT | just trained |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | epochs per task | runs | seeds | steps per task | fusion rounds per task | OP | BWT | "
+             "just trained |", "|---|---|---|---|---|---|---|---|---|"]
     for (method, epochs), runs in sorted(points.items()):
         s = summary(runs)
         rounds = "-" if s["rounds"] is None else f"{s['rounds']:.0f}"
+        seeds = ",".join(str(seed) for seed in sorted({r["config"]["seed"] for r in runs}))
         means = " | ".join(format_points(_mean(s[k])) for k in ("op", "bwt", "just_trained"))
-        lines.append(f"| {method} | {epochs:g} | {s['runs']} | {s['steps']:.0f} | {rounds} | {means} |")
+        lines.append(f"| {method} | {epochs:g} | {s['runs']} | {seeds} | {s['steps']:.0f} | {rounds} | {means} |")
     return "\n".join(lines)
 
 
@@ -147,11 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("folders", nargs="+", type=Path, help="grid folders (each with runs/<name>/<order-seed>/)")
     p.add_argument("--out", type=Path, required=True, help="where budget.png and budget.md go")
     p.add_argument("--methods", help="comma-separated entries: a method at its defaults (rkif) or with options "
-                                     "('rkif masks_on=out'); default: every one with a BWT")
+                                     "('rkif masks_on=out', options in any order); default: every one with a BWT")
     p.add_argument("--orders", help="comma-separated task orders (default: every one found)")
     p.add_argument("--reference", help="an entry (e.g. rkif): add each entry's paired difference to it per budget")
     a = p.parse_args(argv)
-    points = load_points(a.folders, a.methods.split(",") if a.methods else None,
+    points = load_points(a.folders, [entry_name(m) for m in a.methods.split(",")] if a.methods else None,
                          [int(o) for o in a.orders.split(",")] if a.orders else None)
     if not points:
         raise SystemExit(f"{', '.join(map(str, a.folders))}: no finished run")

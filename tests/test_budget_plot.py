@@ -34,8 +34,9 @@ def test_points_from_several_grids_make_one_table_and_plot(tmp_path):
     assert sorted(points) == [("replay", 1.0), ("rkif", 1.0), ("rkif", 3.0), ("rkif mask_source=random", 1.0)]
     assert [len(v) for _, v in sorted(points.items())] == [1, 1, 1, 1]
     table = module.table(points)
-    assert "| rkif | 3 | 1 | 189 | 24 | 80.0 | -10.0 | 85.0 |" in table
-    assert "| replay | 1 | 1 | 63 | - |" in table
+    assert "| rkif | 3 | 1 | 42 | 189 | 24 | 80.0 | -10.0 | 85.0 |" in table
+    assert "| replay | 1 | 1 | 42 | 63 | - |" in table
+    assert module.entry_name("rkif masks_on=out fusion=sum") == "rkif fusion=sum masks_on=out"
     assert list(module.load_points([two], methods=["rkif"])) == [("rkif", 1.0)]      # an entry: no variant
     assert len(module.load_points([two], methods=["rkif"])[("rkif", 1.0)]) == 2
     assert list(module.load_points([two], methods=["rkif mask_source=random"])) == [("rkif mask_source=random", 1.0)]
@@ -65,6 +66,7 @@ def test_an_order_and_seed_in_two_folders_counts_once_and_pairs_give_intervals(t
     # differences +5, -1, +2: mean +2.0, sample std 3.0, half-width t(2) * 3 / sqrt(3) = 7.45
     assert "| rkif-ki | 1 | 3 | +2.0 [-5.5, +9.5] | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |" in table
     assert "| rkif-ki | 3 |" not in table
+    assert "| rkif | 1 | 3 | 42,43,44 |" in module.table(points)
     module.main([str(first), str(second), "--reference", "rkif", "--out", str(tmp_path / "out")])
     assert "Paired differences to rkif" in (tmp_path / "out" / "budget.md").read_text()
     with pytest.raises(SystemExit, match="--reference vrmcl: no finished run"):
