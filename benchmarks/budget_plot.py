@@ -146,7 +146,9 @@ def plot(points: dict[tuple[str, float], list[dict]], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-    fig.tight_layout()
+    fig.text(0.01, 0.01, "dot: mean over the point's runs (seeds in budget.md); bar: min to max", fontsize=8,
+             color="0.35")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
