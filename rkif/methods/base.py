@@ -175,7 +175,7 @@ class Method:
     families: ClassVar[tuple[str, ...] | None] = None   # the backbone families it applies to; None: every one
 
     def __init__(self, config: MethodConfig, backbone: Backbone, run: RunConfig):
-        if self.families is not None:                     # a backbone built by hand
+        if self.families is not None:        # a backbone built by hand (the Trainer callback's has no family)
             self.check_family(backbone.family)
         self.config = config
         self.backbone = backbone
