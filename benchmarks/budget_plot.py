@@ -73,8 +73,9 @@ def load_points(folders: list[Path], methods: list[str] | None = None,
                 diff = sorted(k for k in shared if shared[k] != settings[key][0].get(k))
                 raise ValueError(f"{path}: {key[0]} at {key[1]:g} epochs differs from {settings[key][1]} in {diff}")
             settings.setdefault(key, (shared, path))
-            if (*key, r["order"], config["seed"]) not in seen:
-                seen.add((*key, r["order"], config["seed"]))
+            run_key = (*key, r["order"], config["seed"])
+            if run_key not in seen:
+                seen.add(run_key)
                 points[key].append(r)
     return dict(points)
 
@@ -171,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     plot(points, a.out / "budget.png")
     text = table(points)
     if a.reference:
-        if a.reference not in {m for m, _ in points}:
-            raise SystemExit(f"--reference {a.reference}: no finished run of it among {sorted({m for m, _ in points})}")
+        entries = sorted({m for m, _ in points})
+        if a.reference not in entries:
+            raise SystemExit(f"--reference {a.reference}: no finished run of it among {entries}")
         text += "\n\n" + paired_table(points, a.reference)
     io.write_text(a.out / "budget.md", text + "\n")
     print(text)
