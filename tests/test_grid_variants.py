@@ -197,9 +197,16 @@ def test_the_committed_control_and_budget_grids_load():
     assert len(controls) == 8 * 3 * 3 and {r.method for r in controls} == {"rkif", "rkif-ki", "vrmcl"}
     assert {run_label(r): r.method_options for r in controls}["rkif-outer-decay"] == {"outer_lr_schedule": "trainer"}
     budget = grid_runs(load_grid(root / "budget.toml"), Path("out"))   # the points no other grid has
-    assert sorted((r.method, r.epochs) for r in budget) == sorted(
+    plain = [r for r in budget if not r.method_options]
+    assert sorted((r.method, r.epochs) for r in plain) == sorted(
         [("replay", 3.0), ("vrmcl", 3.0)] + [(m, 10.0) for m in ("rkif", "rkif-ki", "replay", "vrmcl")])
-    assert all(run_label(r) == f"{r.method}-e{int(r.epochs)}" and r.order == 1 for r in budget)
+    assert all(run_label(r) == f"{r.method}-e{int(r.epochs)}" and r.order == 1 for r in plain)
+    masks_out = {run_label(r): (r.method, r.method_options, r.epochs) for r in budget if r.method_options}
+    assert masks_out == {f"rkif-masks-out-e{e}": ("rkif", {"masks_on": "out"}, float(e)) for e in (3, 10)}
+    seeds = grid_runs(load_grid(root / "budget_seeds.toml"), Path("out"))
+    assert {(r.method, r.epochs) for r in seeds} == {
+        ("rkif", 3.0), ("rkif-ki", 3.0), ("rkif", 10.0), ("rkif-ki", 10.0), ("vrmcl", 10.0)}
+    assert sorted({r.seed for r in seeds}) == [43, 44] and all(r.order == 1 for r in seeds)
 
 
 def test_paired_differences_and_their_plot(tmp_path):
