@@ -13,3 +13,24 @@ def test_lists_results_and_the_last_checkpoint_of_unfinished_runs_only(tmp_path)
         io.write_json(run / "results.json", {"finished_stages": finished, "complete": complete})
     a = tmp_path / "runs" / "a" / "order1-seed42"
     assert module.resumable_files(tmp_path) == [a / "results.json", a / "checkpoints" / "stage_1"]
+
+
+def test_superseded_checkpoints_are_the_tracked_ones_no_resume_reads(tmp_path):
+    module = benchmark_script("unfinished")
+    for name, finished, complete in (("a", 2, False), ("b", 4, True)):
+        run = tmp_path / "runs" / name / "order1-seed42"
+        for stage in range(finished):
+            io.write_tensors(run / "checkpoints" / f"stage_{stage}" / "adapter.safetensors", {})
+        io.write_json(run / "results.json", {"finished_stages": finished, "complete": complete})
+    a, b = (tmp_path / "runs" / name / "order1-seed42" for name in "ab")
+    tracked = [
+        a / "results.json",
+        a / "checkpoints" / "stage_0" / "adapter.safetensors",
+        a / "checkpoints" / "stage_1" / "adapter.safetensors",
+        b / "results.json",
+        b / "checkpoints" / "stage_3" / "adapter.safetensors",
+    ]
+    assert module.superseded_checkpoints(tmp_path, tracked) == [
+        a / "checkpoints" / "stage_0" / "adapter.safetensors",
+        b / "checkpoints" / "stage_3" / "adapter.safetensors",
+    ]
