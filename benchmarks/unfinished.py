@@ -48,9 +48,10 @@ def superseded_checkpoints(grid_dir: Path, tracked: list[Path]) -> list[Path]:
 
 
 def tracked_files(grid_dir: Path) -> list[Path]:
-    """The files under ``grid_dir`` that git tracks (paths as git prints them, relative to the working directory)."""
+    """The files under ``grid_dir`` that git tracks, spelled as ``grid_dir`` is (relative or absolute)."""
     listing = subprocess.run(["git", "ls-files", "-z", "--", str(grid_dir)], capture_output=True, check=True)
-    return [Path(name) for name in listing.stdout.decode().split("\0") if name]
+    base = Path.cwd() if grid_dir.is_absolute() else Path()   # git prints paths relative to the working directory
+    return [base / name for name in listing.stdout.decode().split("\0") if name]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """benchmarks/unfinished.py lists what a fresh clone needs to resume a grid's unfinished runs."""
 
+import subprocess
+from pathlib import Path
+
 from rkif import io
 from tests.conftest import benchmark_script
 
@@ -34,3 +37,17 @@ def test_superseded_checkpoints_are_the_tracked_ones_no_resume_reads(tmp_path):
         a / "checkpoints" / "stage_0" / "adapter.safetensors",
         b / "checkpoints" / "stage_3" / "adapter.safetensors",
     ]
+
+
+def test_tracked_files_are_spelled_as_the_grid_folder_is(tmp_path, monkeypatch):
+    module = benchmark_script("unfinished")
+    tmp_path = tmp_path.resolve()                                  # as os.getcwd() spells it
+    grid = tmp_path / "grid"
+    io.write_json(grid / "runs" / "a" / "order1-seed42" / "results.json", {})
+    (grid / "untracked.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["git", "add", "grid/runs"], check=True)
+    relative = Path("grid") / "runs" / "a" / "order1-seed42" / "results.json"
+    assert module.tracked_files(Path("grid")) == [relative]
+    assert module.tracked_files(grid) == [tmp_path / relative]
